@@ -1,0 +1,527 @@
+//! The sidecar's typed configuration: one model, fed by the YAML bootstrap file today and by the
+//! control plane later (issue 'Control server'). Loading validates everything up front, and every
+//! error names the file, the line and the field, so an operator can fix it without guessing.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default bound on how much of a request body the sidecar inspects (design §3 step 2).
+pub const DEFAULT_MAX_INSPECT_BYTES: usize = 1024 * 1024;
+
+/// Why a configuration could not be loaded. The running config stays in force on any of these.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}: field `{field}`: {message}")]
+    Invalid {
+        file: String,
+        field: String,
+        message: String,
+    },
+}
+
+/// The whole sidecar configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The local agent this sidecar stands beside.
+    pub agent: AgentConfig,
+    #[serde(default)]
+    pub listeners: Listeners,
+    #[serde(default)]
+    pub inbound: InboundConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Upstreams the agent may call, by logical name (`llm/openai`, `mcp/search`, ...).
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+
+/// Listener addresses (design §2). Port 0 picks a free port (used by tests).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listeners {
+    pub outbound: SocketAddr,
+    pub inbound: Option<SocketAddr>,
+    pub admin: SocketAddr,
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Listeners {
+            outbound: "127.0.0.1:15001".parse().expect("valid literal"),
+            inbound: Some("0.0.0.0:15006".parse().expect("valid literal")),
+            admin: "127.0.0.1:15000".parse().expect("valid literal"),
+        }
+    }
+}
+
+/// Where inbound calls (from other sidecars) are delivered: the agent's own port.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct InboundConfig {
+    /// The agent's own server, e.g. `127.0.0.1:8080`. Without it the inbound listener is off.
+    pub forward_to: Option<SocketAddr>,
+    /// What the agent serves: `a2a` (default), `mcp` or `http`; decides how bodies are read.
+    pub kind: CallKind,
+    /// Accept plaintext from other sidecars. Closed by default; mTLS arrives with issue 6.
+    pub allow_plaintext: bool,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for InboundConfig {
+    fn default() -> Self {
+        InboundConfig {
+            forward_to: None,
+            kind: CallKind::A2a,
+            allow_plaintext: false,
+            timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body the sidecar reads to classify a call; larger ones get a 413.
+    pub max_inspect_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_inspect_body_bytes: DEFAULT_MAX_INSPECT_BYTES,
+        }
+    }
+}
+
+/// The kind of a call, from the upstream's logical name prefix (design §2).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum CallKind {
+    Llm,
+    Mcp,
+    A2a,
+    Http,
+}
+
+impl CallKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallKind::Llm => "llm",
+            CallKind::Mcp => "mcp",
+            CallKind::A2a => "a2a",
+            CallKind::Http => "http",
+        }
+    }
+
+    /// The name prefix that selects this kind: `llm/`, `mcp/`, `agents/`, `http/`.
+    pub fn from_prefix(prefix: &str) -> Option<CallKind> {
+        match prefix {
+            "llm" => Some(CallKind::Llm),
+            "mcp" => Some(CallKind::Mcp),
+            "agents" => Some(CallKind::A2a),
+            "http" => Some(CallKind::Http),
+            _ => None,
+        }
+    }
+
+    /// Whether requests of this kind have their JSON body read before forwarding.
+    pub fn inspects_body(self) -> bool {
+        !matches!(self, CallKind::Http)
+    }
+}
+
+/// LLM API family an `llm/*` upstream speaks.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LlmApi {
+    Openai,
+    Anthropic,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Logical name: `llm/<provider>`, `mcp/<server>`, `agents/<agent>` or `http/<name>`.
+    pub name: String,
+    /// Base URLs, e.g. `https://api.openai.com` or `http://127.0.0.1:9000/base`.
+    pub endpoints: Vec<String>,
+    /// For `llm/*`: the API family; inferred for the providers `openai` and `anthropic`.
+    #[serde(default)]
+    pub api: Option<LlmApi>,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub retries: Retries,
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    /// Offer HTTP/2 by ALPN on TLS endpoints (default true).
+    #[serde(default = "default_true")]
+    pub http2: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    /// Longest wait for the next bytes of the response (not the whole stream).
+    #[serde(with = "humantime_serde")]
+    pub read: Duration,
+    /// How long an idle pooled connection is kept.
+    #[serde(with = "humantime_serde")]
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(2),
+            read: Duration::from_secs(120),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Retries apply only to safe calls: failed connects always, idempotent methods otherwise.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retries {
+    pub attempts: usize,
+}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Retries { attempts: 2 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitBreakerConfig {
+    /// Consecutive failures (connect errors, 5xx) that open the circuit; 0 disables it.
+    pub consecutive_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub cool_down: Duration,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        CircuitBreakerConfig {
+            consecutive_failures: 5,
+            cool_down: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM file of CA certificates to trust instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Server name to verify, when it differs from the endpoint host.
+    pub sni: Option<String>,
+}
+
+impl Config {
+    /// Reads, parses and validates a YAML bootstrap file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Config::from_yaml(&text, &file)
+    }
+
+    /// Parses and validates YAML text; `file` is used in error messages.
+    pub fn from_yaml(text: &str, file: &str) -> Result<Config, ConfigError> {
+        // serde_yaml's messages carry the field path and the line/column of the fault.
+        let config: Config = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_string(),
+            message: e.to_string(),
+        })?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot: names, URLs, duplicates, closed-by-default rules.
+    pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let invalid = |field: String, message: String| ConfigError::Invalid {
+            file: file.to_string(),
+            field,
+            message,
+        };
+        if !is_dns_label(&self.agent.name) {
+            return Err(invalid(
+                "agent.name".into(),
+                format!(
+                    "`{}` is not a valid agent name (lowercase letters, digits and '-')",
+                    self.agent.name
+                ),
+            ));
+        }
+        if self.limits.max_inspect_body_bytes == 0 {
+            return Err(invalid(
+                "limits.max_inspect_body_bytes".into(),
+                "must be greater than 0".into(),
+            ));
+        }
+        if self.inbound.forward_to.is_some() && !self.inbound.allow_plaintext {
+            return Err(invalid(
+                "inbound.allow_plaintext".into(),
+                "inbound traffic between sidecars must be mTLS, which this build does not yet \
+                 provide; set `allow_plaintext: true` to accept plaintext explicitly"
+                    .into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, up) in self.upstreams.iter().enumerate() {
+            let at = |f: &str| format!("upstreams[{i}].{f}");
+            let (kind, rest) = split_name(&up.name).ok_or_else(|| {
+                invalid(
+                    at("name"),
+                    format!(
+                        "`{}` must be `llm/<provider>`, `mcp/<server>`, `agents/<agent>` or `http/<name>`",
+                        up.name
+                    ),
+                )
+            })?;
+            if !seen.insert(up.name.as_str()) {
+                return Err(invalid(
+                    at("name"),
+                    format!("`{}` is declared twice", up.name),
+                ));
+            }
+            if up.endpoints.is_empty() {
+                return Err(invalid(
+                    at("endpoints"),
+                    "at least one endpoint is required".into(),
+                ));
+            }
+            for (j, ep) in up.endpoints.iter().enumerate() {
+                Endpoint::parse(ep).map_err(|m| invalid(at(&format!("endpoints[{j}]")), m))?;
+            }
+            if kind == CallKind::Llm && up.api.is_none() && infer_llm_api(rest).is_none() {
+                return Err(invalid(
+                    at("api"),
+                    format!("cannot infer the API of provider `{rest}`: set `api: openai` or `api: anthropic`"),
+                ));
+            }
+            if kind != CallKind::Llm && up.api.is_some() {
+                return Err(invalid(
+                    at("api"),
+                    "only `llm/*` upstreams take an `api`".into(),
+                ));
+            }
+            if let Some(ca) = &up.tls.ca_file {
+                if !ca.exists() {
+                    return Err(invalid(
+                        at("tls.ca_file"),
+                        format!("{} does not exist", ca.display()),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+
+    /// A copy safe to show on `/config_dump`: no credentials are held here yet, but the dump
+    /// goes through this one function so that issue 6's secrets are masked in one place.
+    pub fn redacted(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl UpstreamConfig {
+    pub fn kind(&self) -> CallKind {
+        split_name(&self.name)
+            .map(|(k, _)| k)
+            .unwrap_or(CallKind::Http)
+    }
+
+    /// The LLM API family, explicit or inferred from the provider name.
+    pub fn llm_api(&self) -> Option<LlmApi> {
+        self.api
+            .or_else(|| split_name(&self.name).and_then(|(_, p)| infer_llm_api(p)))
+    }
+
+    /// The part after the prefix: the provider, server, agent or service name.
+    pub fn short_name(&self) -> &str {
+        split_name(&self.name).map(|(_, n)| n).unwrap_or(&self.name)
+    }
+}
+
+fn infer_llm_api(provider: &str) -> Option<LlmApi> {
+    match provider {
+        "openai" => Some(LlmApi::Openai),
+        "anthropic" => Some(LlmApi::Anthropic),
+        _ => None,
+    }
+}
+
+/// Splits `llm/openai` into its kind and name, checking both halves.
+pub fn split_name(name: &str) -> Option<(CallKind, &str)> {
+    let (prefix, rest) = name.split_once('/')?;
+    let kind = CallKind::from_prefix(prefix)?;
+    is_dns_label(rest).then_some((kind, rest))
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.'
+        })
+        && !s.starts_with('-')
+}
+
+/// One parsed endpoint URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix to put before the forwarded path (no trailing slash), may be empty.
+    pub base_path: String,
+}
+
+impl Endpoint {
+    pub fn parse(url: &str) -> Result<Endpoint, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(format!("`{url}` must start with http:// or https://"));
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                let port = p
+                    .parse::<u16>()
+                    .map_err(|_| format!("`{url}` has an invalid port"))?;
+                (h, port)
+            }
+            _ => (authority, if tls { 443 } else { 80 }),
+        };
+        if host.is_empty() {
+            return Err(format!("`{url}` has no host"));
+        }
+        Ok(Endpoint {
+            tls,
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port,
+            base_path: path.trim_end_matches('/').to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "agent: {name: planner}\nupstreams:\n  - name: llm/openai\n    endpoints: [\"https://api.openai.com\"]\n";
+
+    #[test]
+    fn loads_with_defaults() {
+        let c = Config::from_yaml(GOOD, "a.yaml").unwrap();
+        assert_eq!(c.listeners.outbound.port(), 15001);
+        assert_eq!(c.listeners.admin.port(), 15000);
+        assert_eq!(c.limits.max_inspect_body_bytes, 1 << 20);
+        assert_eq!(c.upstreams[0].llm_api(), Some(LlmApi::Openai));
+        assert_eq!(c.upstreams[0].retries.attempts, 2);
+    }
+
+    #[test]
+    fn parse_error_names_file_line_and_field() {
+        let bad = "agent: {name: planner}\nupstreams:\n  - name: llm/openai\n    endpoints: [\"http://x\"]\n    timeouts: {connect: soon}\n";
+        let e = Config::from_yaml(bad, "boot.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("boot.yaml: "), "{e}");
+        assert!(e.contains("upstreams[0].timeouts.connect"), "{e}");
+        assert!(e.contains("line 5"), "{e}");
+    }
+
+    #[test]
+    fn unknown_field_is_rejected() {
+        let bad = "agent: {name: planner, nmae: x}\n";
+        let e = Config::from_yaml(bad, "b.yaml").unwrap_err().to_string();
+        assert!(e.contains("unknown field `nmae`"), "{e}");
+        assert!(e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let cases = [
+            ("agent: {name: Planner}\n", "agent.name"),
+            ("agent: {name: p}\nupstreams: [{name: llm/x, endpoints: [\"http://a\"]}]\n", "upstreams[0].api"),
+            ("agent: {name: p}\nupstreams: [{name: foo, endpoints: [\"http://a\"]}]\n", "upstreams[0].name"),
+            ("agent: {name: p}\nupstreams: [{name: mcp/a, endpoints: []}]\n", "upstreams[0].endpoints"),
+            ("agent: {name: p}\nupstreams: [{name: mcp/a, endpoints: [\"ftp://a\"]}]\n", "upstreams[0].endpoints[0]"),
+            ("agent: {name: p}\nupstreams: [{name: mcp/a, endpoints: [\"http://a\"]}, {name: mcp/a, endpoints: [\"http://b\"]}]\n", "upstreams[1].name"),
+            ("agent: {name: p}\ninbound: {forward_to: \"127.0.0.1:1\"}\n", "inbound.allow_plaintext"),
+            ("agent: {name: p}\nlimits: {max_inspect_body_bytes: 0}\n", "limits.max_inspect_body_bytes"),
+        ];
+        for (yaml, field) in cases {
+            let e = Config::from_yaml(yaml, "c.yaml").unwrap_err().to_string();
+            assert!(e.contains(&format!("field `{field}`")), "{yaml} -> {e}");
+        }
+    }
+
+    #[test]
+    fn endpoints_parse() {
+        let e = Endpoint::parse("https://api.openai.com").unwrap();
+        assert_eq!(
+            (e.tls, e.host.as_str(), e.port, e.base_path.as_str()),
+            (true, "api.openai.com", 443, "")
+        );
+        let e = Endpoint::parse("http://127.0.0.1:9000/base/").unwrap();
+        assert_eq!(
+            (e.tls, e.host.as_str(), e.port, e.base_path.as_str()),
+            (false, "127.0.0.1", 9000, "/base")
+        );
+        let e = Endpoint::parse("http://[::1]:80").unwrap();
+        assert_eq!((e.host.as_str(), e.port), ("::1", 80));
+        assert!(Endpoint::parse("http://:80").is_err());
+        assert!(Endpoint::parse("http://a:x").is_err());
+    }
+}

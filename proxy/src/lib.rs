@@ -1,0 +1,17 @@
+//! agentmesh sidecar proxy. Modules follow the request path of design §3:
+//! `classify` (what a call is), `route` (where it goes), `usage` (what it cost), with `proxy`
+//! wiring them onto pingora's phases, `state` holding the one config snapshot, `config` its typed
+//! model, `reload` feeding it from the file, and `admin`/`accesslog` showing what happens.
+
+pub mod accesslog;
+pub mod admin;
+pub mod classify;
+pub mod config;
+pub mod proxy;
+pub mod record;
+pub mod reject;
+pub mod reload;
+pub mod route;
+pub mod server;
+pub mod state;
+pub mod usage;

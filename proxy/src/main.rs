@@ -1,0 +1,64 @@
+//! `agentmesh-proxy`: the sidecar binary. Loads and validates the bootstrap file, then serves.
+
+use agentmesh_proxy::config::Config;
+use agentmesh_proxy::server::{build, RunOptions};
+use clap::Parser;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "agentmesh-proxy", version, about = "agentmesh sidecar proxy")]
+struct Args {
+    /// YAML bootstrap file (reloaded on SIGHUP and on change).
+    #[arg(long, short, env = "AGENTMESH_CONFIG")]
+    config: PathBuf,
+    /// Worker threads.
+    #[arg(long, default_value_t = 2, env = "AGENTMESH_THREADS")]
+    threads: usize,
+    /// Access log: `stdout`, `off`, or a file path.
+    #[arg(long, default_value = "stdout", env = "AGENTMESH_ACCESS_LOG")]
+    access_log: String,
+    /// Only validate the config file and exit (0 if valid).
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AGENTMESH_LOG")
+                .unwrap_or_else(|_| "info,pingora=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("agentmesh-proxy: invalid config: {e}");
+            std::process::exit(2);
+        }
+    };
+    if args.check {
+        println!("{}: ok", args.config.display());
+        return;
+    }
+    tracing::info!(
+        agent = %config.agent.name,
+        outbound = %config.listeners.outbound,
+        admin = %config.listeners.admin,
+        upstreams = config.upstreams.len(),
+        "starting agentmesh-proxy"
+    );
+    let opts = RunOptions {
+        config_path: args.config,
+        threads: args.threads,
+        access_log: args.access_log,
+    };
+    match build(config, &opts) {
+        Ok(server) => server.run_forever(),
+        Err(e) => {
+            eprintln!("agentmesh-proxy: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,616 @@
+//! The request path (design §3) on pingora's `ProxyHttp` phases. Each call goes through, in order:
+//! identify (direction and local agent; SVIDs arrive with issue 6), classify (`classify`), decide
+//! (policy, issue 3; for now: only granted upstream names pass), route (`route`), and observe
+//! (`usage` + the access log). Phase functions stay small; the logic lives in the pure modules.
+
+use crate::accesslog::AccessLog;
+use crate::classify::{classify, ClassifyError, Destination};
+use crate::config::CallKind;
+use crate::record::{CallRecord, Direction};
+use crate::reject::Rejection;
+use crate::route::{resolve, upstream_path, UpstreamState};
+use crate::state::{Snapshot, Store};
+use crate::usage::UsageReader;
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::protocols::tls::CaType;
+use pingora::utils::tls::WrappedX509;
+use pingora_error::{ErrorSource, ErrorType};
+use pingora_proxy::FailToProxy;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One proxy per listener: outbound (agent → mesh) or inbound (mesh → agent).
+pub struct MeshProxy {
+    pub store: Arc<Store>,
+    pub direction: Direction,
+    pub access_log: Arc<AccessLog>,
+}
+
+/// Per-call context carried through the phases.
+pub struct CallCtx {
+    started: Instant,
+    snapshot: Option<Arc<Snapshot>>,
+    record: Option<CallRecord>,
+    upstream: Option<Arc<UpstreamState>>,
+    endpoint: Option<usize>,
+    forward_path: String,
+    /// Body held back for inspection (`Some` while reading an inspected body).
+    held: Option<BytesMut>,
+    limit: usize,
+    usage: Option<UsageReader>,
+    tries: usize,
+    rejection: Option<Rejection>,
+    upstream_started: Option<Instant>,
+    first_byte: Option<Duration>,
+    upstream_failed: bool,
+}
+
+impl CallCtx {
+    fn kind(&self) -> Option<CallKind> {
+        self.record.as_ref().map(|r| r.kind)
+    }
+}
+
+fn bodyful(method: &str) -> bool {
+    matches!(method, "POST" | "PUT" | "PATCH")
+}
+
+impl MeshProxy {
+    /// Sends a rejection straight to the caller; the call ends in this phase.
+    async fn respond(
+        &self,
+        session: &mut Session,
+        ctx: &mut CallCtx,
+        rej: Rejection,
+    ) -> Result<bool> {
+        let body = rej.body(ctx.kind());
+        let mut resp = ResponseHeader::build(rej.status, Some(4))?;
+        resp.insert_header("content-type", "application/json")?;
+        resp.insert_header("content-length", body.len().to_string())?;
+        if let Some(s) = rej.retry_after_secs {
+            resp.insert_header("retry-after", s.to_string())?;
+        }
+        session.set_keepalive(None);
+        session.write_response_header(Box::new(resp), false).await?;
+        session
+            .write_response_body(Some(Bytes::from(body)), true)
+            .await?;
+        if let Some(r) = ctx.record.as_mut() {
+            r.status = rej.status;
+        }
+        ctx.rejection = Some(rej);
+        Ok(true)
+    }
+
+    /// Identify + route-by-name: which upstream this call is for, or why it may not proceed.
+    fn select(
+        &self,
+        session: &Session,
+        snap: &Snapshot,
+        ctx: &mut CallCtx,
+    ) -> Result<(), Rejection> {
+        let req = session.req_header();
+        let method = req.method.as_str();
+        let path_q = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let (upstream, kind, target, fwd) = match self.direction {
+            Direction::Outbound => {
+                let host = req
+                    .headers
+                    .get("host")
+                    .and_then(|h| h.to_str().ok())
+                    .or_else(|| req.uri.host());
+                let addr = resolve(path_q, host).ok_or_else(|| {
+                    Rejection::new(
+                        404,
+                        "no_route",
+                        format!(
+                            "`{}` is not a mesh address: use /llm/<provider>/..., /mcp/<server>, \
+                             /agents/<agent>/... or /http/<name>/...",
+                            req.uri.path()
+                        ),
+                    )
+                })?;
+                let up = snap.upstreams.get(&addr.name).cloned().ok_or_else(|| {
+                    Rejection::new(
+                        403,
+                        "not_granted",
+                        format!(
+                            "upstream `{}` is not granted to agent `{}`",
+                            addr.name, snap.config.agent.name
+                        ),
+                    )
+                    .upstream(&addr.name)
+                })?;
+                (up, addr.kind, addr.name, addr.path)
+            }
+            Direction::Inbound => {
+                let up = snap.inbound.clone().ok_or_else(|| {
+                    Rejection::new(
+                        503,
+                        "no_inbound",
+                        "this sidecar has no `inbound.forward_to`",
+                    )
+                })?;
+                (
+                    up,
+                    snap.config.inbound.kind,
+                    "inbound".to_string(),
+                    path_q.to_string(),
+                )
+            }
+        };
+        ctx.record = Some(CallRecord::new(self.direction, kind, &target, method, &fwd));
+        ctx.forward_path = fwd;
+        ctx.upstream = Some(upstream);
+        Ok(())
+    }
+
+    fn run_classify(
+        &self,
+        session: &Session,
+        ctx: &mut CallCtx,
+        body: &[u8],
+    ) -> Result<(), Rejection> {
+        let (Some(up), Some(rec)) = (ctx.upstream.as_ref(), ctx.record.as_mut()) else {
+            return Ok(());
+        };
+        let dest = Destination {
+            kind: rec.kind,
+            name: up.config.short_name(),
+            llm_api: up.config.llm_api(),
+        };
+        rec.request_bytes = body.len() as u64;
+        classify(rec, dest, &session.req_header().headers, body).map_err(|e| {
+            let cause = match e {
+                ClassifyError::MalformedJson(_) => "malformed_json",
+                ClassifyError::InvalidRequest(_) => "invalid_request",
+                ClassifyError::HeaderMismatch(_) => "header_mismatch",
+                ClassifyError::TooLarge { .. } => "body_too_large",
+            };
+            Rejection::new(e.http_status(), cause, e.to_string())
+                .upstream(&rec.target)
+                .jsonrpc(e.jsonrpc_code())
+        })
+    }
+
+    fn too_large(&self, ctx: &CallCtx) -> Rejection {
+        let e = ClassifyError::TooLarge { limit: ctx.limit };
+        Rejection::new(413, "body_too_large", e.to_string())
+            .upstream(ctx.record.as_ref().map(|r| r.target.as_str()).unwrap_or(""))
+            .jsonrpc(e.jsonrpc_code())
+    }
+}
+
+/// Maps a proxy error to the status and cause the caller sees.
+fn failure_of(e: &Error, upstream: &str) -> Rejection {
+    use ErrorType::*;
+    let (status, cause, what) = match e.etype() {
+        HTTPStatus(code) => (*code, "rejected", "rejected"),
+        ConnectTimedout | TLSHandshakeTimedout => (504, "upstream_timeout", "connect timed out"),
+        ReadTimedout | WriteTimedout => {
+            (504, "upstream_timeout", "upstream did not answer in time")
+        }
+        ConnectRefused => (502, "upstream_unavailable", "connection refused"),
+        ConnectNoRoute => (502, "upstream_unavailable", "no route to host"),
+        TLSHandshakeFailure | InvalidCert | HandshakeError => (
+            502,
+            "upstream_tls_error",
+            "TLS handshake with the upstream failed",
+        ),
+        _ if e.esource() == &ErrorSource::Upstream => {
+            (502, "upstream_error", "the upstream connection failed")
+        }
+        _ if e.esource() == &ErrorSource::Downstream => (400, "bad_request", "bad request"),
+        _ => (502, "upstream_error", "the call could not be proxied"),
+    };
+    let detail = e
+        .context
+        .as_ref()
+        .map(|c| c.as_str().to_string())
+        .unwrap_or_default();
+    let message = if detail.is_empty() {
+        format!("{what} (upstream `{upstream}`)")
+    } else {
+        format!("{what} (upstream `{upstream}`): {detail}")
+    };
+    Rejection::new(status, cause, message).upstream(upstream)
+}
+
+/// Resolves `host:port`, off the worker thread for names.
+async fn socket_addr(host: &str, port: u16) -> Result<SocketAddr> {
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let mut addrs = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| Error::because(ErrorType::ConnectNoRoute, format!("resolving {host}"), e))?;
+    addrs
+        .next()
+        .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, format!("{host} has no address")))
+}
+
+/// Reads a PEM CA file into pingora's per-peer CA list.
+pub fn load_ca(path: &std::path::Path) -> std::result::Result<Arc<CaType>, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let certs: Vec<WrappedX509> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .filter_map(|c| c.ok())
+        .map(|c| WrappedX509::new(c.to_vec(), pingora::utils::tls::parse_x509))
+        .collect();
+    if certs.is_empty() {
+        return Err(format!("{}: no PEM certificates found", path.display()));
+    }
+    Ok(Arc::from(certs.into_boxed_slice()))
+}
+
+#[async_trait]
+impl ProxyHttp for MeshProxy {
+    type CTX = CallCtx;
+
+    fn new_ctx(&self) -> CallCtx {
+        CallCtx {
+            started: Instant::now(),
+            snapshot: None,
+            record: None,
+            upstream: None,
+            endpoint: None,
+            forward_path: String::new(),
+            held: None,
+            limit: 0,
+            usage: None,
+            tries: 0,
+            rejection: None,
+            upstream_started: None,
+            first_byte: None,
+            upstream_failed: false,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut CallCtx) -> Result<bool> {
+        let snap = self.store.snapshot();
+        ctx.limit = snap.config.limits.max_inspect_body_bytes;
+        if let Err(rej) = self.select(session, &snap, ctx) {
+            return self.respond(session, ctx, rej).await;
+        }
+        ctx.snapshot = Some(snap);
+        let kind = ctx.kind().unwrap_or(CallKind::Http);
+        let method = session.req_header().method.as_str().to_string();
+        if kind.inspects_body() && bodyful(&method) {
+            let declared = session
+                .req_header()
+                .headers
+                .get("content-length")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<usize>().ok());
+            if declared.is_some_and(|n| n > ctx.limit) {
+                let rej = self.too_large(ctx);
+                return self.respond(session, ctx, rej).await;
+            }
+            // Classified when the whole body has arrived (request_body_filter).
+            ctx.held = Some(BytesMut::new());
+        } else if let Err(rej) = self.run_classify(session, ctx, b"") {
+            return self.respond(session, ctx, rej).await;
+        }
+        if let Some(up) = &ctx.upstream {
+            if up.pick().is_none() {
+                let mut rej = Rejection::new(
+                    503,
+                    "circuit_open",
+                    format!(
+                        "upstream `{}` is failing; its circuit is open",
+                        up.config.name
+                    ),
+                )
+                .upstream(&up.config.name);
+                rej.retry_after_secs = Some(up.retry_after().as_secs().max(1));
+                return self.respond(session, ctx, rej).await;
+            }
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut CallCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let up = ctx
+            .upstream
+            .clone()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream selected"))?;
+        ctx.tries += 1;
+        // A retry re-sends the body from pingora's retry buffer: read it afresh.
+        if ctx.held.is_some() {
+            ctx.held = Some(BytesMut::new());
+        }
+        let Some(i) = up.pick() else {
+            let mut rej = Rejection::new(
+                503,
+                "circuit_open",
+                format!(
+                    "upstream `{}` is failing; its circuit is open",
+                    up.config.name
+                ),
+            )
+            .upstream(&up.config.name);
+            rej.retry_after_secs = Some(up.retry_after().as_secs().max(1));
+            ctx.rejection = Some(rej);
+            return Err(Error::explain(ErrorType::HTTPStatus(503), "circuit open"));
+        };
+        ctx.endpoint = Some(i);
+        let ep = &up.endpoints[i];
+        let addr = socket_addr(&ep.host, ep.port).await?;
+        let sni = up.config.tls.sni.clone().unwrap_or_else(|| ep.host.clone());
+        let mut peer = HttpPeer::new(addr, ep.tls, sni);
+        let t = &up.config.timeouts;
+        peer.options.connection_timeout = Some(t.connect);
+        peer.options.total_connection_timeout = Some(t.connect * 2);
+        peer.options.read_timeout = Some(t.read);
+        peer.options.write_timeout = Some(t.read);
+        peer.options.idle_timeout = Some(t.idle);
+        if ep.tls {
+            if up.config.http2 {
+                peer.options.set_http_version(2, 1);
+            }
+            if let Some(ca) = &up.config.tls.ca_file {
+                peer.options.ca =
+                    Some(load_ca(ca).map_err(|m| Error::explain(ErrorType::InvalidCert, m))?);
+            }
+        }
+        ctx.upstream_started = Some(Instant::now());
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut CallCtx,
+    ) -> Result<()> {
+        let (Some(up), Some(i)) = (ctx.upstream.as_ref(), ctx.endpoint) else {
+            return Ok(());
+        };
+        let ep = &up.endpoints[i];
+        if self.direction == Direction::Outbound {
+            let path = upstream_path(&ep.base_path, &ctx.forward_path);
+            let uri = path
+                .parse::<http::Uri>()
+                .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "rewriting path", e))?;
+            req.set_uri(uri);
+            let default_port = if ep.tls { 443 } else { 80 };
+            let host = if ep.port == default_port {
+                ep.host.clone()
+            } else {
+                format!("{}:{}", ep.host, ep.port)
+            };
+            req.insert_header("host", host)?;
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut CallCtx,
+    ) -> Result<()> {
+        let Some(held) = ctx.held.as_mut() else {
+            if let (Some(r), Some(b)) = (ctx.record.as_mut(), body.as_ref()) {
+                r.request_bytes += b.len() as u64;
+            }
+            return Ok(());
+        };
+        if let Some(chunk) = body.take() {
+            if held.len() + chunk.len() > ctx.limit {
+                ctx.held = None;
+                ctx.rejection = Some(self.too_large(ctx));
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(413),
+                    "body over the inspection limit",
+                ));
+            }
+            held.extend_from_slice(&chunk);
+        }
+        if !end_of_stream {
+            *body = Some(Bytes::new()); // hold back until the body is whole
+            return Ok(());
+        }
+        let whole = ctx.held.take().map(BytesMut::freeze).unwrap_or_default();
+        if let Err(rej) = self.run_classify(session, ctx, &whole) {
+            let status = rej.status;
+            ctx.rejection = Some(rej);
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(status),
+                "request rejected by classification",
+            ));
+        }
+        // Re-arm for a possible retry, which replays the body from pingora's retry buffer.
+        ctx.held = Some(BytesMut::new());
+        *body = Some(whole);
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut CallCtx,
+    ) -> Result<()> {
+        ctx.first_byte = Some(ctx.started.elapsed());
+        if resp.status.is_server_error() {
+            ctx.upstream_failed = true;
+        }
+        if let Some(r) = ctx.record.as_mut() {
+            r.status = resp.status.as_u16();
+            if r.llm.is_some() {
+                let ct = resp
+                    .headers
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                ctx.usage = Some(UsageReader::new(ct));
+            }
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut CallCtx,
+    ) -> Result<Option<Duration>> {
+        if let Some(b) = body.as_ref() {
+            if let Some(r) = ctx.record.as_mut() {
+                r.response_bytes += b.len() as u64;
+            }
+            if let Some(u) = ctx.usage.as_mut() {
+                u.feed(b);
+            }
+        }
+        if end_of_stream {
+            if let (Some(u), Some(r)) = (ctx.usage.as_mut(), ctx.record.as_mut()) {
+                u.finish();
+                if let Some(l) = r.llm.as_mut() {
+                    l.usage = u.usage;
+                    l.response_model = u.response_model.clone();
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut CallCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let (Some(up), Some(i)) = (ctx.upstream.as_ref(), ctx.endpoint) {
+            if up.record_failure(i) {
+                tracing::warn!(upstream = %up.config.name, endpoint = i, "circuit opened");
+            }
+            // Nothing was sent yet: a failed connect is always safe to retry.
+            e.set_retry(ctx.tries <= up.config.retries.attempts);
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut CallCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("peer {peer}"));
+        let attempts = ctx
+            .upstream
+            .as_ref()
+            .map_or(0, |u| u.config.retries.attempts);
+        // Retry only safe calls: idempotent methods with a replayable body, within the budget.
+        if ctx.rejection.is_some()
+            || ctx.tries > attempts
+            || !session.req_header().method.is_idempotent()
+            || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut CallCtx,
+    ) -> FailToProxy {
+        let upstream = ctx
+            .record
+            .as_ref()
+            .map(|r| r.target.clone())
+            .unwrap_or_default();
+        let rej = ctx
+            .rejection
+            .clone()
+            .unwrap_or_else(|| failure_of(e, &upstream));
+        let downstream_gone = e.esource() == &ErrorSource::Downstream
+            && matches!(
+                e.etype(),
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
+            );
+        if ctx.rejection.is_none() && e.esource() == &ErrorSource::Upstream {
+            ctx.upstream_failed = true;
+        }
+        let code = if downstream_gone || ctx.first_byte.is_some() {
+            0 // the caller left, or the response already started: nothing more can be said
+        } else {
+            let body = rej.body(ctx.kind());
+            let mut resp = match ResponseHeader::build(rej.status, Some(4)) {
+                Ok(r) => r,
+                Err(_) => {
+                    return FailToProxy {
+                        error_code: 500,
+                        can_reuse_downstream: false,
+                    }
+                }
+            };
+            let _ = resp.insert_header("content-type", "application/json");
+            let _ = resp.insert_header("content-length", body.len().to_string());
+            if let Some(s) = rej.retry_after_secs {
+                let _ = resp.insert_header("retry-after", s.to_string());
+            }
+            if session
+                .write_response_header(Box::new(resp), false)
+                .await
+                .is_ok()
+            {
+                let _ = session
+                    .write_response_body(Some(Bytes::from(body)), true)
+                    .await;
+            }
+            rej.status
+        };
+        if let Some(r) = ctx.record.as_mut() {
+            if code > 0 {
+                r.status = code;
+            }
+        }
+        ctx.rejection = Some(rej);
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut CallCtx) {
+        if let (Some(up), Some(i)) = (ctx.upstream.as_ref(), ctx.endpoint) {
+            if ctx.upstream_failed {
+                if up.record_failure(i) {
+                    tracing::warn!(upstream = %up.config.name, endpoint = i, "circuit opened");
+                }
+            } else if ctx.rejection.is_none() && e.is_none() {
+                up.record_success(i);
+            }
+        }
+        if let Some(r) = ctx.record.as_ref() {
+            self.access_log.write(
+                r,
+                ctx.started.elapsed(),
+                ctx.upstream_started.map(|s| s.elapsed()),
+                ctx.first_byte,
+                ctx.rejection.as_ref(),
+            );
+        }
+    }
+}

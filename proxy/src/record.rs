@@ -1,0 +1,154 @@
+//! The typed call record: what one call through the sidecar is (filled by `classify`), what it
+//! cost (filled by `usage` as the response streams) and how it ended. Policy, telemetry and the
+//! access log all read this one record.
+
+use crate::config::{CallKind, LlmApi};
+use serde::Serialize;
+
+/// Which side of the agent the call crosses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+/// One call, as classified from its request and observed on its response.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CallRecord {
+    pub direction: Direction,
+    pub kind: CallKind,
+    /// Logical destination name (`llm/openai`, `mcp/tools`, `agents/writer`, `inbound`).
+    pub target: String,
+    pub method: String,
+    pub path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llm: Option<LlmCall>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<McpCall>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub a2a: Option<A2aCall>,
+    pub status: u16,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+impl CallRecord {
+    pub fn new(
+        direction: Direction,
+        kind: CallKind,
+        target: &str,
+        method: &str,
+        path: &str,
+    ) -> Self {
+        CallRecord {
+            direction,
+            kind,
+            target: target.to_string(),
+            method: method.to_string(),
+            path: path.to_string(),
+            llm: None,
+            mcp: None,
+            a2a: None,
+            status: 0,
+            request_bytes: 0,
+            response_bytes: 0,
+        }
+    }
+
+    /// The model or tool the call is about, for one-line summaries.
+    pub fn subject(&self) -> String {
+        if let Some(l) = &self.llm {
+            return l.model.clone().unwrap_or_default();
+        }
+        if let Some(m) = &self.mcp {
+            return m
+                .messages
+                .iter()
+                .map(|x| match &x.tool {
+                    Some(t) => format!("{}:{t}", x.method),
+                    None => x.method.clone(),
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+        }
+        if let Some(a) = &self.a2a {
+            return a.method.clone();
+        }
+        String::new()
+    }
+}
+
+/// LLM API operation, from the request path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LlmOperation {
+    ChatCompletions,
+    Responses,
+    Messages,
+    Embeddings,
+    Models,
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LlmCall {
+    pub provider: String,
+    pub api: LlmApi,
+    pub operation: LlmOperation,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    pub stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+    /// Model the provider says answered (may differ from the requested one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_model: Option<String>,
+    pub usage: Usage,
+}
+
+/// Token usage read off the response.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_input_tokens: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct McpCall {
+    /// From `Mcp-Protocol-Version` (or the request envelope), when present.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// One entry per JSON-RPC message (a batch has several); empty for GET/DELETE.
+    pub messages: Vec<McpMessage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct McpMessage {
+    pub method: String,
+    /// Absent on notifications.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<serde_json::Value>,
+    /// `params.name` of `tools/call` and `prompts/get`, `params.uri` of `resources/read`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct A2aCall {
+    /// `1.0` or `0.3`: from the `A2A-Version` header, else from the method's spelling.
+    pub version: String,
+    pub method: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skill: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context_id: Option<String>,
+    pub streaming: bool,
+}

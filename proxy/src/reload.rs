@@ -1,0 +1,93 @@
+//! Hot reload of the bootstrap file: on SIGHUP and when the file changes on disk. A new file is
+//! parsed and validated in full before it replaces anything; an invalid one is logged with its
+//! error, counted, and the running config stays in force.
+
+use crate::config::Config;
+use crate::state::Store;
+use async_trait::async_trait;
+use notify::{RecursiveMode, Watcher};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct Reloader {
+    pub path: PathBuf,
+    pub store: Arc<Store>,
+}
+
+impl Reloader {
+    /// Loads the file and applies it if valid and different. Returns whether it was applied.
+    pub fn reload(&self) -> bool {
+        match Config::load(&self.path) {
+            Ok(c) if c == self.store.snapshot().config => false,
+            Ok(c) => {
+                self.store.apply(c);
+                true
+            }
+            Err(e) => {
+                self.store.reject(e.to_string());
+                false
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Reloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(8);
+        // Watch the directory: editors and Kubernetes ConfigMaps replace files rather than write.
+        let file = self.path.clone();
+        let watch_tx = tx.clone();
+        let mut watcher =
+            match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+                if let Ok(ev) = ev {
+                    if ev.paths.iter().any(|p| p.file_name() == file.file_name()) {
+                        let _ = watch_tx.try_send(());
+                    }
+                }
+            }) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP");
+                    None
+                }
+            };
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."));
+        if let Some(w) = watcher.as_mut() {
+            if let Err(e) = w.watch(&dir, RecursiveMode::NonRecursive) {
+                tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the config directory");
+            }
+        }
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP");
+                None
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                Some(()) = rx.recv() => {
+                    // Let a burst of write events settle before reading the file.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    while rx.try_recv().is_ok() {}
+                    self.reload();
+                }
+                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    tracing::info!("SIGHUP: reloading config");
+                    self.reload();
+                }
+            }
+        }
+        drop(tx);
+    }
+}

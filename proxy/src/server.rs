@@ -1,0 +1,87 @@
+//! Assembles the sidecar: the outbound and inbound proxy listeners, the admin listener and the
+//! reloader, on one pingora server whose worker threads serve them all.
+
+use crate::accesslog::AccessLog;
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::proxy::MeshProxy;
+use crate::record::Direction;
+use crate::reload::Reloader;
+use crate::state::Store;
+use pingora::apps::HttpServerOptions;
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+use pingora_proxy::ProxyServiceBuilder;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Options that are not part of the reloadable config.
+pub struct RunOptions {
+    pub config_path: PathBuf,
+    pub threads: usize,
+    pub access_log: String,
+}
+
+/// Builds the server; `run_forever` on the result starts serving.
+pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Server> {
+    let conf = ServerConf {
+        threads: opts.threads,
+        // Per-upstream attempt limits are enforced in the proxy; this is only the ceiling.
+        max_retries: 8,
+        grace_period_seconds: Some(5),
+        graceful_shutdown_timeout_seconds: Some(10),
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let conf = server.configuration.clone();
+
+    let listeners = config.listeners.clone();
+    let inbound_on = config.inbound.forward_to.is_some();
+    let store = Store::new(config, &opts.config_path.display().to_string());
+    let access_log = Arc::new(AccessLog::open(&opts.access_log)?);
+
+    // The agent may speak h2c (prior knowledge) or HTTP/1.1 on the same port.
+    let mut h2c = HttpServerOptions::default();
+    h2c.h2c = true;
+    let proxy = |direction| MeshProxy {
+        store: store.clone(),
+        direction,
+        access_log: access_log.clone(),
+    };
+    let mut outbound = ProxyServiceBuilder::new(&conf, proxy(Direction::Outbound))
+        .name("outbound")
+        .server_options(h2c.clone())
+        .build();
+    outbound.add_tcp(&listeners.outbound.to_string());
+    server.add_service(outbound);
+
+    if let (true, Some(addr)) = (inbound_on, listeners.inbound) {
+        let mut inbound = ProxyServiceBuilder::new(&conf, proxy(Direction::Inbound))
+            .name("inbound")
+            .server_options(h2c)
+            .build();
+        inbound.add_tcp(&addr.to_string());
+        server.add_service(inbound);
+    }
+
+    let mut admin = Service::new(
+        "admin".to_string(),
+        pingora::apps::http_app::HttpServer::new_app(Admin {
+            store: store.clone(),
+        }),
+    );
+    admin.add_tcp(&listeners.admin.to_string());
+    server.add_service(admin);
+
+    server.add_service(background_service(
+        "config reloader",
+        Reloader {
+            path: opts.config_path.clone(),
+            store,
+        },
+    ));
+    Ok(server)
+}

@@ -1,0 +1,131 @@
+//! The one typed state store: the config snapshot every request reads, and its single writer.
+//! Requests take a cheap `Arc` snapshot (ArcSwap); `apply` swaps in a validated config whole, so
+//! a request never sees half an update. The YAML file watcher feeds it today, the control-plane
+//! client will feed the same `apply` (design §5).
+
+use crate::config::{Config, UpstreamConfig};
+use crate::route::UpstreamState;
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+/// An immutable view of the running config, with its runtime upstream state.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Config,
+    pub version: u64,
+    pub upstreams: HashMap<String, Arc<UpstreamState>>,
+    /// The local agent's server, as an upstream for the inbound listener.
+    pub inbound: Option<Arc<UpstreamState>>,
+    pub loaded_at: SystemTime,
+}
+
+/// Where the running config came from and how the last reload went.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReloadStatus {
+    pub source: String,
+    pub reloads_ok: u64,
+    pub reloads_rejected: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Store {
+    current: ArcSwap<Snapshot>,
+    status: Mutex<ReloadStatus>,
+}
+
+impl Store {
+    pub fn new(config: Config, source: &str) -> Arc<Self> {
+        let snap = build(config, 1, None);
+        Arc::new(Store {
+            current: ArcSwap::from_pointee(snap),
+            status: Mutex::new(ReloadStatus {
+                source: source.to_string(),
+                ..Default::default()
+            }),
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Installs a new, already validated config. Upstreams whose config did not change keep
+    /// their runtime state (circuit breakers, round-robin position).
+    pub fn apply(&self, config: Config) {
+        let old = self.snapshot();
+        if old.config.listeners != config.listeners {
+            tracing::warn!("listener addresses changed; they take effect on restart");
+        }
+        let snap = build(config, old.version + 1, Some(&old));
+        tracing::info!(
+            version = snap.version,
+            upstreams = snap.upstreams.len(),
+            "config applied"
+        );
+        self.current.store(Arc::new(snap));
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        s.reloads_ok += 1;
+        s.last_error = None;
+    }
+
+    /// Records a rejected update; the running config stays in force.
+    pub fn reject(&self, error: String) {
+        tracing::error!(%error, "config rejected; keeping the running config");
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        s.reloads_rejected += 1;
+        s.last_error = Some(error);
+    }
+
+    pub fn status(&self) -> ReloadStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+fn build(config: Config, version: u64, old: Option<&Snapshot>) -> Snapshot {
+    let keep = |c: &UpstreamConfig, prev: Option<&Arc<UpstreamState>>| match prev {
+        Some(p) if p.config == *c => p.clone(),
+        _ => UpstreamState::new(c.clone()),
+    };
+    let upstreams = config
+        .upstreams
+        .iter()
+        .map(|u| {
+            (
+                u.name.clone(),
+                keep(u, old.and_then(|o| o.upstreams.get(&u.name))),
+            )
+        })
+        .collect();
+    let inbound = config.inbound.forward_to.map(|addr| {
+        let c = UpstreamConfig {
+            name: "inbound".into(),
+            endpoints: vec![format!("http://{addr}")],
+            api: None,
+            timeouts: crate::config::Timeouts {
+                read: config.inbound.timeout,
+                ..Default::default()
+            },
+            retries: Default::default(),
+            circuit_breaker: crate::config::CircuitBreakerConfig {
+                consecutive_failures: 0,
+                ..Default::default()
+            },
+            tls: Default::default(),
+            http2: false,
+        };
+        keep(&c, old.and_then(|o| o.inbound.as_ref()))
+    });
+    Snapshot {
+        config,
+        version,
+        upstreams,
+        inbound,
+        loaded_at: SystemTime::now(),
+    }
+}

@@ -1,1 +1,7 @@
+//! agentmesh agent runtime crate. Today it holds the deterministic fixtures that stand in for
+//! paid external services in tests and the demo: `mock_llm` (OpenAI/Anthropic-compatible) and
+//! `mcp_server` (a sample MCP tool server), served by `serve`.
 
+pub mod mcp_server;
+pub mod mock_llm;
+pub mod serve;

@@ -96,15 +96,22 @@ impl MeshProxy {
         let req = session.req_header();
         let method = req.method.as_str();
         let path_q = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let (upstream, kind, target, fwd) = match self.direction {
+        let (name, kind, fwd) = match self.direction {
             Direction::Outbound => {
                 let host = req
                     .headers
                     .get("host")
                     .and_then(|h| h.to_str().ok())
                     .or_else(|| req.uri.host());
-                let addr = resolve(path_q, host).ok_or_else(|| {
-                    Rejection::new(
+                let Some(addr) = resolve(path_q, host) else {
+                    ctx.record = Some(CallRecord::new(
+                        self.direction,
+                        CallKind::Http,
+                        "-",
+                        method,
+                        path_q,
+                    ));
+                    return Err(Rejection::new(
                         404,
                         "no_route",
                         format!(
@@ -112,38 +119,38 @@ impl MeshProxy {
                              /agents/<agent>/... or /http/<name>/...",
                             req.uri.path()
                         ),
-                    )
-                })?;
-                let up = snap.upstreams.get(&addr.name).cloned().ok_or_else(|| {
-                    Rejection::new(
-                        403,
-                        "not_granted",
-                        format!(
-                            "upstream `{}` is not granted to agent `{}`",
-                            addr.name, snap.config.agent.name
-                        ),
-                    )
-                    .upstream(&addr.name)
-                })?;
-                (up, addr.kind, addr.name, addr.path)
+                    ));
+                };
+                (addr.name, addr.kind, addr.path)
             }
-            Direction::Inbound => {
-                let up = snap.inbound.clone().ok_or_else(|| {
-                    Rejection::new(
-                        503,
-                        "no_inbound",
-                        "this sidecar has no `inbound.forward_to`",
-                    )
-                })?;
-                (
-                    up,
-                    snap.config.inbound.kind,
-                    "inbound".to_string(),
-                    path_q.to_string(),
-                )
-            }
+            Direction::Inbound => (
+                "inbound".to_string(),
+                snap.config.inbound.kind,
+                path_q.to_string(),
+            ),
         };
-        ctx.record = Some(CallRecord::new(self.direction, kind, &target, method, &fwd));
+        // Recorded before the grant check, so that refusals are logged like any call.
+        ctx.record = Some(CallRecord::new(self.direction, kind, &name, method, &fwd));
+        let upstream = match self.direction {
+            Direction::Outbound => snap.upstreams.get(&name).cloned().ok_or_else(|| {
+                Rejection::new(
+                    403,
+                    "not_granted",
+                    format!(
+                        "upstream `{name}` is not granted to agent `{}`",
+                        snap.config.agent.name
+                    ),
+                )
+                .upstream(&name)
+            })?,
+            Direction::Inbound => snap.inbound.clone().ok_or_else(|| {
+                Rejection::new(
+                    503,
+                    "no_inbound",
+                    "this sidecar has no `inbound.forward_to`",
+                )
+            })?,
+        };
         ctx.forward_path = fwd;
         ctx.upstream = Some(upstream);
         Ok(())
@@ -591,6 +598,11 @@ impl ProxyHttp for MeshProxy {
             error_code: code,
             can_reuse_downstream: false,
         }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &CallCtx, _error: &Error) -> bool {
+        // Our own refusals are in the access log with their cause; they are not proxy faults.
+        ctx.rejection.is_some()
     }
 
     async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut CallCtx) {

@@ -78,6 +78,10 @@ pub fn router(script: Script) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/realtime", any(realtime))
         .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/debug/version",
+            get(|v: axum::http::Version| async move { format!("{v:?}") }),
+        )
         .with_state(Arc::new(script))
 }
 
@@ -217,14 +221,11 @@ fn error_body(api: Api, kind: &str, message: &str) -> Value {
 }
 
 /// Parses a request body regardless of its declared content type, as real providers do.
-fn parse(body: &[u8], api: Api) -> Result<Value, Response> {
+fn parse(body: &[u8], api: Api) -> Result<Value, Box<Response>> {
     serde_json::from_slice(body).map_err(|e| {
         let msg = format!("invalid JSON body: {e}");
-        (
-            StatusCode::BAD_REQUEST,
-            Json(error_body(api, "invalid_request_error", &msg)),
-        )
-            .into_response()
+        let body = Json(error_body(api, "invalid_request_error", &msg));
+        Box::new((StatusCode::BAD_REQUEST, body).into_response())
     })
 }
 
@@ -288,7 +289,7 @@ fn reply_words(t: &str) -> Vec<String> {
 async fn chat(State(s): State<Arc<Script>>, h: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body, Api::Chat) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if let Some(r) = control(&h, Api::Chat).await {
         return r;
@@ -372,7 +373,7 @@ async fn chat(State(s): State<Arc<Script>>, h: HeaderMap, body: Bytes) -> Respon
 async fn responses(State(s): State<Arc<Script>>, h: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body, Api::Responses) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if let Some(r) = control(&h, Api::Responses).await {
         return r;
@@ -431,7 +432,7 @@ async fn responses(State(s): State<Arc<Script>>, h: HeaderMap, body: Bytes) -> R
 async fn messages(State(s): State<Arc<Script>>, h: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body, Api::Messages) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if let Some(r) = control(&h, Api::Messages).await {
         return r;

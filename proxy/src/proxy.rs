@@ -353,6 +353,9 @@ impl ProxyHttp for MeshProxy {
         let addr = socket_addr(&ep.host, ep.port).await?;
         let sni = up.config.tls.sni.clone().unwrap_or_else(|| ep.host.clone());
         let mut peer = HttpPeer::new(addr, ep.tls, sni);
+        // Pools are per logical upstream: two upstreams with different trust settings never
+        // share a connection, even to the same address.
+        peer.group_key = up.pool_key;
         let t = &up.config.timeouts;
         peer.options.connection_timeout = Some(t.connect);
         peer.options.total_connection_timeout = Some(t.connect * 2);

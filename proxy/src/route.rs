@@ -93,6 +93,8 @@ pub struct UpstreamState {
     breakers: Vec<Breaker>,
     next: AtomicUsize,
     epoch: Instant,
+    /// Connection-pool key: a hash of the upstream's config.
+    pub pool_key: u64,
 }
 
 impl UpstreamState {
@@ -103,12 +105,20 @@ impl UpstreamState {
             .filter_map(|e| Endpoint::parse(e).ok()) // validated at load
             .collect();
         let breakers = endpoints.iter().map(|_| Breaker::new()).collect();
+        let pool_key = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            config.name.hash(&mut h);
+            format!("{:?}", config.tls).hash(&mut h);
+            h.finish()
+        };
         Arc::new(UpstreamState {
             config,
             endpoints,
             breakers,
             next: AtomicUsize::new(0),
             epoch: Instant::now(),
+            pool_key,
         })
     }
 

@@ -1,1 +1,224 @@
+//! Harness for the end-to-end suites: starts the real binaries (sidecar, mock LLM, MCP server) on
+//! free loopback ports, writes sidecar configs, and reads access logs. Processes die with the
+//! harness values that own them.
 
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Directory holding the workspace's binaries (`AGENTMESH_BIN_DIR`, else `target/debug`).
+pub fn bin_dir() -> PathBuf {
+    std::env::var_os("AGENTMESH_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A child process killed on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn spawn(name: &str, args: &[&str], log: &Path) -> Proc {
+    let out = std::fs::File::create(log).expect("log file");
+    let err = out.try_clone().expect("log file");
+    let child = Command::new(bin_dir().join(name))
+        .args(args)
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {name} from {}: {e}", bin_dir().display()));
+    Proc(child)
+}
+
+/// Polls `url` until it answers 2xx.
+pub async fn wait_ok(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = reqwest::get(url).await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{url} did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A scratch directory, removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!(
+            "agentmesh-{tag}-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&p).expect("scratch dir");
+        Scratch(p)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fixture server (mock LLM or MCP tools) on a free port.
+pub struct Fixture {
+    pub port: u16,
+    _proc: Proc,
+}
+
+impl Fixture {
+    pub async fn mock_llm(dir: &Scratch, extra: &[&str]) -> Fixture {
+        Self::start("mock-llm", dir, extra).await
+    }
+    pub async fn mcp_tools(dir: &Scratch) -> Fixture {
+        Self::start("mcp-tools", dir, &[]).await
+    }
+    async fn start(name: &str, dir: &Scratch, extra: &[&str]) -> Fixture {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec!["--listen", listen.as_str()];
+        args.extend_from_slice(extra);
+        let proc = spawn(name, &args, &dir.path(&format!("{name}-{port}.log")));
+        let tls = extra.contains(&"--tls-cert");
+        if tls {
+            // Wait for the port rather than an HTTP answer: its certificate is the test's own.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while tokio::net::TcpStream::connect(&listen).await.is_err() {
+                assert!(Instant::now() < deadline, "{name} did not come up");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        } else {
+            wait_ok(&format!("http://{listen}/healthz")).await;
+        }
+        Fixture { port, _proc: proc }
+    }
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+/// A running sidecar with its config file and access log.
+pub struct Sidecar {
+    pub outbound: u16,
+    pub admin: u16,
+    pub inbound: u16,
+    pub config: PathBuf,
+    pub access_log: PathBuf,
+    pub proc: Proc,
+}
+
+impl Sidecar {
+    /// The listener block for fresh ports; `body` adds upstreams and other sections.
+    pub fn config_text(outbound: u16, admin: u16, inbound: u16, body: &str) -> String {
+        format!(
+            "agent: {{name: tester}}\nlisteners: {{outbound: \"127.0.0.1:{outbound}\", admin: \"127.0.0.1:{admin}\", inbound: \"127.0.0.1:{inbound}\"}}\n{body}"
+        )
+    }
+
+    pub async fn start(dir: &Scratch, body: &str) -> Sidecar {
+        let (outbound, admin, inbound) = (free_port(), free_port(), free_port());
+        let config = dir.path("sidecar.yaml");
+        std::fs::write(&config, Self::config_text(outbound, admin, inbound, body))
+            .expect("write config");
+        let access_log = dir.path("access.jsonl");
+        let proc = spawn(
+            "agentmesh-proxy",
+            &[
+                "--config",
+                config.to_str().unwrap_or_default(),
+                "--access-log",
+                access_log.to_str().unwrap_or_default(),
+            ],
+            &dir.path("sidecar.log"),
+        );
+        wait_ok(&format!("http://127.0.0.1:{admin}/readyz")).await;
+        Sidecar {
+            outbound,
+            admin,
+            inbound,
+            config,
+            access_log,
+            proc,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.outbound)
+    }
+
+    /// Replaces the config file in one step (write + rename), as an operator's tooling would.
+    pub fn rewrite(&self, body: &str) {
+        let tmp = self.config.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp).expect("tmp config");
+        f.write_all(Self::config_text(self.outbound, self.admin, self.inbound, body).as_bytes())
+            .expect("write");
+        drop(f);
+        std::fs::rename(&tmp, &self.config).expect("rename");
+    }
+
+    pub async fn config_dump(&self) -> serde_json::Value {
+        reqwest::get(format!("http://127.0.0.1:{}/config_dump", self.admin))
+            .await
+            .expect("admin answers")
+            .json()
+            .await
+            .expect("json")
+    }
+
+    /// Waits until `/config_dump` satisfies `pred`.
+    pub async fn wait_dump(&self, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let d = self.config_dump().await;
+            if pred(&d) {
+                return d;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "config never reached the expected state: {d}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn calls(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.access_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits for at least `n` access-log lines (written as each call ends).
+    pub async fn wait_calls(&self, n: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let c = self.calls();
+            if c.len() >= n || Instant::now() > deadline {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

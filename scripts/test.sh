@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sets up (scripts/setup.sh) and runs every check: format, clippy, Rust unit and end-to-end tests,
+# and the Python SDK suites against real binaries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "==> cargo test"
+cargo test --workspace
+echo "==> SDK suites (pytest)"
+AGENTMESH_BIN_DIR="$PWD/target/debug" .venv/bin/python -m pytest -q tests/python

@@ -1,0 +1,321 @@
+//! End-to-end behaviour of the sidecar with real processes on loopback: routing, grants,
+//! failures and their JSON answers, retries, circuit breaking, timeouts, h2c, TLS + h2
+//! origination, WebSocket, inbound, and hot reload.
+
+use agentmesh_tests::{free_port, Fixture, Scratch, Sidecar};
+use serde_json::{json, Value};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn chat() -> Value {
+    json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "ping"}]})
+}
+
+async fn post(url: &str, body: &Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .expect("sidecar answers");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn routes_by_path_and_host_and_refuses_unknown_names() {
+    let dir = Scratch::new("route");
+    let llm = Fixture::mock_llm(&dir, &[]).await;
+    let sc = Sidecar::start(
+        &dir,
+        &format!(
+            "upstreams:\n  - name: llm/openai\n    endpoints: [\"{}\"]\n",
+            llm.url("")
+        ),
+    )
+    .await;
+    let (s, v) = post(&sc.url("/llm/openai/v1/chat/completions"), &chat()).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["choices"][0]["message"]["content"], "Mock reply to: ping");
+    // Host-based addressing: the path is forwarded whole.
+    let r = reqwest::Client::new()
+        .post(sc.url("/v1/chat/completions"))
+        .header("host", "openai.llm.mesh")
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (s, v) = post(&sc.url("/llm/anthropic/v1/messages"), &chat()).await;
+    assert_eq!(s, 403);
+    assert_eq!(v["error"]["type"], "not_granted");
+    assert_eq!(v["error"]["upstream"], "llm/anthropic");
+    let (s, v) = post(&sc.url("/v1/chat/completions"), &chat()).await;
+    assert_eq!((s, v["error"]["type"].as_str()), (404, Some("no_route")));
+    let calls = sc.wait_calls(4).await;
+    let statuses: Vec<_> = calls
+        .iter()
+        .map(|c| c["status"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![200, 200, 403, 404],
+        "refusals are logged like any call"
+    );
+    assert_eq!(calls[2]["error"], "not_granted");
+}
+
+#[tokio::test]
+async fn connect_failures_retry_then_open_the_circuit() {
+    let dir = Scratch::new("breaker");
+    let llm = Fixture::mock_llm(&dir, &[]).await;
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let sc = Sidecar::start(
+        &dir,
+        &format!(
+            "upstreams:\n  - name: llm/openai\n    endpoints: [\"{dead}\", \"{}\"]\n    circuit_breaker: {{consecutive_failures: 100}}\n\
+             \x20 - name: http/down\n    endpoints: [\"{dead}\"]\n    retries: {{attempts: 1}}\n    circuit_breaker: {{consecutive_failures: 3, cool_down: 60s}}\n",
+            llm.url("")
+        ),
+    )
+    .await;
+    // One endpoint refuses connections: every call still succeeds on the other.
+    for _ in 0..4 {
+        assert_eq!(
+            post(&sc.url("/llm/openai/v1/chat/completions"), &chat())
+                .await
+                .0,
+            200
+        );
+    }
+    // Only a dead endpoint: 502 naming the upstream, until the circuit opens; then 503.
+    let r = reqwest::get(sc.url("/http/down/x")).await.unwrap();
+    assert_eq!(r.status(), 502);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["upstream"], "http/down");
+    assert_eq!(v["error"]["type"], "upstream_unavailable");
+    let _ = reqwest::get(sc.url("/http/down/x")).await.unwrap();
+    let r = reqwest::get(sc.url("/http/down/x")).await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().get("retry-after").is_some());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "circuit_open");
+}
+
+#[tokio::test]
+async fn slow_upstream_gets_504_and_unsafe_calls_are_not_retried() {
+    let dir = Scratch::new("timeout");
+    let llm = Fixture::mock_llm(&dir, &[]).await;
+    let sc = Sidecar::start(
+        &dir,
+        &format!("upstreams:\n  - name: llm/openai\n    endpoints: [\"{}\"]\n    timeouts: {{read: 300ms}}\n", llm.url("")),
+    )
+    .await;
+    let r = reqwest::Client::new()
+        .post(sc.url("/llm/openai/v1/chat/completions"))
+        .header("x-mock-delay-ms", "2000")
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "upstream_timeout");
+    assert_eq!(v["error"]["upstream"], "llm/openai");
+    let calls = sc.wait_calls(1).await;
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0]["status"], 504);
+}
+
+#[tokio::test]
+async fn h2c_from_the_agent_and_h2_over_tls_to_the_provider() {
+    let dir = Scratch::new("tls");
+    let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.path("cert.pem"), ca.cert.pem()).unwrap();
+    std::fs::write(dir.path("key.pem"), ca.key_pair.serialize_pem()).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.path("other.pem"), other.cert.pem()).unwrap();
+    let cert = dir.path("cert.pem");
+    let key = dir.path("key.pem");
+    let llm = Fixture::mock_llm(
+        &dir,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let sc = Sidecar::start(
+        &dir,
+        &format!(
+            "upstreams:\n  - name: llm/openai\n    endpoints: [\"https://127.0.0.1:{p}\"]\n    tls: {{ca_file: \"{c}\", sni: localhost}}\n\
+             \x20 - name: llm/wrongca\n    api: openai\n    endpoints: [\"https://127.0.0.1:{p}\"]\n    tls: {{ca_file: \"{o}\", sni: localhost}}\n",
+            p = llm.port,
+            c = cert.display(),
+            o = dir.path("other.pem").display()
+        ),
+    )
+    .await;
+    let h2c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2c
+        .post(sc.url("/llm/openai/v1/chat/completions"))
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.version(),
+        reqwest::Version::HTTP_2,
+        "the agent spoke h2c to the sidecar"
+    );
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["usage"]["prompt_tokens"], 5);
+    // The provider saw HTTP/2, negotiated by ALPN over TLS.
+    let version = h2c
+        .get(sc.url("/llm/openai/debug/version"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(version, "HTTP/2.0");
+    // A certificate from another CA is refused with a clear 502.
+    let (s, v) = post(&sc.url("/llm/wrongca/v1/chat/completions"), &chat()).await;
+    assert_eq!(s, 502);
+    assert_eq!(v["error"]["type"], "upstream_tls_error");
+    assert_eq!(v["error"]["upstream"], "llm/wrongca");
+}
+
+#[tokio::test]
+async fn websocket_upgrade_is_passed_through() {
+    let dir = Scratch::new("ws");
+    let llm = Fixture::mock_llm(&dir, &[]).await;
+    let sc = Sidecar::start(
+        &dir,
+        &format!(
+            "upstreams:\n  - name: llm/openai\n    endpoints: [\"{}\"]\n",
+            llm.url("")
+        ),
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", sc.outbound))
+        .await
+        .unwrap();
+    s.write_all(
+        b"GET /llm/openai/v1/realtime HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // A masked text frame "hi" (client frames must be masked).
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81, 0x80 | 2];
+    frame.extend_from_slice(&mask);
+    frame.extend(b"hi".iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    s.write_all(&frame).await.unwrap();
+    let mut reply = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply[0], 0x81);
+    let mut payload = vec![0u8; (reply[1] & 0x7f) as usize];
+    s.read_exact(&mut payload).await.unwrap();
+    assert_eq!(payload, b"echo: hi");
+}
+
+#[tokio::test]
+async fn inbound_calls_reach_the_local_agent_and_are_classified() {
+    let dir = Scratch::new("inbound");
+    let agent = Fixture::mock_llm(&dir, &[]).await; // stands in for the agent's own server
+    let sc = Sidecar::start(
+        &dir,
+        &format!(
+            "inbound: {{forward_to: \"127.0.0.1:{}\", kind: http, allow_plaintext: true}}\n",
+            agent.port
+        ),
+    )
+    .await;
+    let r = reqwest::get(format!("http://127.0.0.1:{}/healthz", sc.inbound))
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "ok");
+    let calls = sc.wait_calls(1).await;
+    assert_eq!(calls[0]["direction"], "inbound");
+    assert_eq!(calls[0]["status"], 200);
+}
+
+#[tokio::test]
+async fn hot_reload_applies_good_files_and_keeps_the_last_good_one() {
+    let dir = Scratch::new("reload");
+    let mcp = Fixture::mcp_tools(&dir).await;
+    let a = format!(
+        "upstreams:\n  - name: mcp/a\n    endpoints: [\"{}\"]\n",
+        mcp.url("/mcp")
+    );
+    let sc = Sidecar::start(&dir, &a).await;
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-11-25"}});
+    assert_eq!(post(&sc.url("/mcp/b"), &init).await.0, 403);
+
+    // A valid new file is picked up on change.
+    let ab = format!(
+        "{a}  - name: mcp/b\n    endpoints: [\"{}\"]\n",
+        mcp.url("/mcp")
+    );
+    sc.rewrite(&ab);
+    sc.wait_dump(|d| d["version"] == 2).await;
+    assert_eq!(post(&sc.url("/mcp/b"), &init).await.0, 200);
+
+    // An invalid one is rejected with file, line and field; the running config stays.
+    sc.rewrite(&format!("{ab}    timeouts: {{connect: soon}}\n"));
+    let d = sc.wait_dump(|d| d["status"]["reloads_rejected"] == 1).await;
+    let err = d["status"]["last_error"].as_str().unwrap().to_string();
+    assert!(
+        err.contains("sidecar.yaml") && err.contains("timeouts.connect") && err.contains("line"),
+        "{err}"
+    );
+    assert_eq!(d["version"], 2);
+    assert_eq!(post(&sc.url("/mcp/b"), &init).await.0, 200);
+
+    // SIGHUP reloads too (here: back to a file without mcp/b).
+    std::fs::write(
+        &sc.config,
+        Sidecar::config_text(sc.outbound, sc.admin, sc.inbound, &a),
+    )
+    .unwrap();
+    // The file watcher may win the race; either way version 3 must come.
+    let pid = sc.proc.0.id().to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status();
+    sc.wait_dump(|d| d["version"] == 3).await;
+    assert_eq!(post(&sc.url("/mcp/b"), &init).await.0, 403);
+}
+
+#[tokio::test]
+async fn an_invalid_bootstrap_file_stops_the_start_with_its_error() {
+    let dir = Scratch::new("badboot");
+    let cfg = dir.path("bad.yaml");
+    std::fs::write(&cfg, "agent: {name: x}\nupstreams:\n  - name: llm/acme\n    endpoints: [\"http://127.0.0.1:1\"]\n").unwrap();
+    let out = std::process::Command::new(agentmesh_tests::bin_dir().join("agentmesh-proxy"))
+        .args(["--config", cfg.to_str().unwrap(), "--check"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.yaml") && err.contains("upstreams[0].api"),
+        "{err}"
+    );
+}

@@ -8,9 +8,19 @@ use std::io::Write;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// How each line is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// One JSON object per line, for machines.
+    Json,
+    /// Aligned columns, for a person watching a terminal.
+    Text,
+}
+
 /// Where access lines go.
 pub struct AccessLog {
     sink: Mutex<Option<Box<dyn Write + Send>>>,
+    format: Format,
 }
 
 #[derive(Serialize)]
@@ -37,7 +47,7 @@ fn ms(d: Duration) -> f64 {
 
 impl AccessLog {
     /// `spec` is `stdout`, `off`, or a file path (appended to).
-    pub fn open(spec: &str) -> std::io::Result<AccessLog> {
+    pub fn open(spec: &str, format: Format) -> std::io::Result<AccessLog> {
         let sink: Option<Box<dyn Write + Send>> = match spec {
             "off" => None,
             "stdout" | "-" => Some(Box::new(std::io::stdout())),
@@ -50,6 +60,7 @@ impl AccessLog {
         };
         Ok(AccessLog {
             sink: Mutex::new(sink),
+            format,
         })
     }
 
@@ -76,11 +87,46 @@ impl AccessLog {
             error: rejection.map(|r| r.cause),
             error_message: rejection.map(|r| r.message.as_str()),
         };
-        if let Ok(mut bytes) = serde_json::to_vec(&line) {
-            bytes.push(b'\n');
+        let bytes = match self.format {
+            Format::Json => serde_json::to_vec(&line).map(|mut b| {
+                b.push(b'\n');
+                b
+            }),
+            Format::Text => Ok(text_line(&line).into_bytes()),
+        };
+        if let Ok(bytes) = bytes {
             if let Err(e) = sink.write_all(&bytes).and_then(|_| sink.flush()) {
                 tracing::warn!(error = %e, "access log write failed");
             }
         }
     }
+}
+
+/// `outbound llm  llm/openai       gpt-4o-mini          200  tokens 8/7       3.1 ms`
+fn text_line(l: &Line<'_>) -> String {
+    let c = l.call;
+    let tokens = c
+        .llm
+        .as_ref()
+        .map(|x| format!("{}/{}", x.usage.input_tokens, x.usage.output_tokens))
+        .unwrap_or_else(|| "-".into());
+    let subject = if l.subject.is_empty() { "-" } else { l.subject.as_str() };
+    let mut s = format!(
+        "{:<8} {:<4} {:<18} {:<32} {:>3}  tokens {:<9} {:>8.1} ms",
+        match c.direction {
+            crate::record::Direction::Outbound => "outbound",
+            crate::record::Direction::Inbound => "inbound",
+        },
+        c.kind.as_str(),
+        c.target,
+        subject,
+        c.status,
+        tokens,
+        l.duration_ms
+    );
+    if let (Some(e), Some(m)) = (l.error, l.error_message) {
+        s.push_str(&format!("  {e}: {m}"));
+    }
+    s.push('\n');
+    s
 }

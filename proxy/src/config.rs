@@ -508,6 +508,21 @@ mod tests {
     }
 
     #[test]
+    fn shipped_examples_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/local");
+        let c = Config::load(&dir.join("sidecar.yaml")).unwrap();
+        assert_eq!(c.agent.name, "planner");
+        assert_eq!(c.upstreams.len(), 3);
+        let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md")).unwrap();
+        let full = doc
+            .split("```yaml")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("docs/configuration.md has a yaml example");
+        Config::from_yaml(full, "docs/configuration.md").unwrap();
+    }
+
+    #[test]
     fn endpoints_parse() {
         let e = Endpoint::parse("https://api.openai.com").unwrap();
         assert_eq!(

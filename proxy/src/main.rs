@@ -1,5 +1,6 @@
 //! `agentmesh-proxy`: the sidecar binary. Loads and validates the bootstrap file, then serves.
 
+use agentmesh_proxy::accesslog::Format;
 use agentmesh_proxy::config::Config;
 use agentmesh_proxy::server::{build, RunOptions};
 use clap::Parser;
@@ -17,6 +18,9 @@ struct Args {
     /// Access log: `stdout`, `off`, or a file path.
     #[arg(long, default_value = "stdout", env = "AGENTMESH_ACCESS_LOG")]
     access_log: String,
+    /// Access log line format.
+    #[arg(long, value_enum, default_value = "json", env = "AGENTMESH_ACCESS_LOG_FORMAT")]
+    access_log_format: Format,
     /// Only validate the config file and exit (0 if valid).
     #[arg(long)]
     check: bool,
@@ -53,6 +57,7 @@ fn main() {
         config_path: args.config,
         threads: args.threads,
         access_log: args.access_log,
+        access_log_format: args.access_log_format,
     };
     match build(config, &opts) {
         Ok(server) => server.run_forever(),

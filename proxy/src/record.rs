@@ -62,6 +62,13 @@ impl CallRecord {
             return l.model.clone().unwrap_or_default();
         }
         if let Some(m) = &self.mcp {
+            if m.messages.is_empty() {
+                return match self.method.as_str() {
+                    "GET" => "GET (server stream)".into(),
+                    "DELETE" => "DELETE (end session)".into(),
+                    other => other.into(),
+                };
+            }
             return m
                 .messages
                 .iter()

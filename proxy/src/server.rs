@@ -22,6 +22,7 @@ pub struct RunOptions {
     pub config_path: PathBuf,
     pub threads: usize,
     pub access_log: String,
+    pub access_log_format: crate::accesslog::Format,
 }
 
 /// Builds the server; `run_forever` on the result starts serving.
@@ -41,7 +42,7 @@ pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Server> {
     let listeners = config.listeners.clone();
     let inbound_on = config.inbound.forward_to.is_some();
     let store = Store::new(config, &opts.config_path.display().to_string());
-    let access_log = Arc::new(AccessLog::open(&opts.access_log)?);
+    let access_log = Arc::new(AccessLog::open(&opts.access_log, opts.access_log_format)?);
 
     // The agent may speak h2c (prior knowledge) or HTTP/1.1 on the same port.
     let mut h2c = HttpServerOptions::default();

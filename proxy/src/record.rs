@@ -142,7 +142,8 @@ pub struct McpMessage {
     /// `params.name` of `tools/call` and `prompts/get`, `params.uri` of `resources/read`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Read for policy, never written to logs: arguments can carry secrets and personal data.
+    #[serde(skip_serializing)]
     pub arguments: Option<serde_json::Value>,
 }
 

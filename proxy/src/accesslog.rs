@@ -110,7 +110,11 @@ fn text_line(l: &Line<'_>) -> String {
         .as_ref()
         .map(|x| format!("{}/{}", x.usage.input_tokens, x.usage.output_tokens))
         .unwrap_or_else(|| "-".into());
-    let subject = if l.subject.is_empty() { "-" } else { l.subject.as_str() };
+    let subject = if l.subject.is_empty() {
+        "-"
+    } else {
+        l.subject.as_str()
+    };
     let mut s = format!(
         "{:<8} {:<4} {:<18} {:<32} {:>3}  tokens {:<9} {:>8.1} ms",
         match c.direction {

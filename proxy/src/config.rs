@@ -344,12 +344,7 @@ impl Config {
                 ));
             }
             if let Some(ca) = &up.tls.ca_file {
-                if !ca.exists() {
-                    return Err(invalid(
-                        at("tls.ca_file"),
-                        format!("{} does not exist", ca.display()),
-                    ));
-                }
+                read_pem_certs(ca).map_err(|m| invalid(at("tls.ca_file"), m))?;
             }
         }
         Ok(())
@@ -383,6 +378,23 @@ impl UpstreamConfig {
     pub fn short_name(&self) -> &str {
         split_name(&self.name).map(|(_, n)| n).unwrap_or(&self.name)
     }
+}
+
+/// Reads every certificate of a PEM file (DER bytes); an unreadable file or one without
+/// certificates is an error, so a typo never silently falls back to other roots.
+pub fn read_pem_certs(path: &Path) -> Result<Vec<Vec<u8>>, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let certs: Vec<Vec<u8>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: bad PEM: {e}", path.display()))?
+        .into_iter()
+        .map(|c| c.to_vec())
+        .collect();
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(certs)
 }
 
 fn infer_llm_api(provider: &str) -> Option<LlmApi> {
@@ -513,13 +525,31 @@ mod tests {
         let c = Config::load(&dir.join("sidecar.yaml")).unwrap();
         assert_eq!(c.agent.name, "planner");
         assert_eq!(c.upstreams.len(), 3);
-        let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md")).unwrap();
+        let doc = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md"),
+        )
+        .unwrap();
         let full = doc
             .split("```yaml")
             .nth(1)
             .and_then(|b| b.split("```").next())
             .expect("docs/configuration.md has a yaml example");
-        Config::from_yaml(full, "docs/configuration.md").unwrap();
+        // The example's CA path is illustrative; point it at a real PEM file for the check.
+        let pem = std::env::temp_dir().join(format!("agentmesh-doc-ca-{}.pem", std::process::id()));
+        let cert = rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap();
+        std::fs::write(&pem, cert.cert.pem()).unwrap();
+        let full = full.replace("/etc/agentmesh/ca.pem", pem.to_str().unwrap());
+        Config::from_yaml(&full, "docs/configuration.md").unwrap();
+        let bad = full.replace(pem.to_str().unwrap(), "/nonexistent/ca.pem");
+        let e = Config::from_yaml(&bad, "d.md").unwrap_err().to_string();
+        assert!(
+            e.contains("upstreams[0].tls.ca_file") && e.contains("cannot read"),
+            "{e}"
+        );
+        std::fs::write(&pem, "not a pem").unwrap();
+        let e = Config::from_yaml(&full, "d.md").unwrap_err().to_string();
+        assert!(e.contains("no PEM certificate"), "{e}");
+        let _ = std::fs::remove_file(&pem);
     }
 
     #[test]

@@ -19,7 +19,12 @@ struct Args {
     #[arg(long, default_value = "stdout", env = "AGENTMESH_ACCESS_LOG")]
     access_log: String,
     /// Access log line format.
-    #[arg(long, value_enum, default_value = "json", env = "AGENTMESH_ACCESS_LOG_FORMAT")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "json",
+        env = "AGENTMESH_ACCESS_LOG_FORMAT"
+    )]
     access_log_format: Format,
     /// Only validate the config file and exit (0 if valid).
     #[arg(long)]

@@ -15,8 +15,6 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
-use pingora::protocols::tls::CaType;
-use pingora::utils::tls::WrappedX509;
 use pingora_error::{ErrorSource, ErrorType};
 use pingora_proxy::FailToProxy;
 use std::net::SocketAddr;
@@ -240,20 +238,6 @@ async fn socket_addr(host: &str, port: u16) -> Result<SocketAddr> {
         .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, format!("{host} has no address")))
 }
 
-/// Reads a PEM CA file into pingora's per-peer CA list.
-pub fn load_ca(path: &std::path::Path) -> std::result::Result<Arc<CaType>, String> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer};
-    let certs: Vec<WrappedX509> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .filter_map(|c| c.ok())
-        .map(|c| WrappedX509::new(c.to_vec(), pingora::utils::tls::parse_x509))
-        .collect();
-    if certs.is_empty() {
-        return Err(format!("{}: no PEM certificates found", path.display()));
-    }
-    Ok(Arc::from(certs.into_boxed_slice()))
-}
-
 #[async_trait]
 impl ProxyHttp for MeshProxy {
     type CTX = CallCtx;
@@ -366,9 +350,11 @@ impl ProxyHttp for MeshProxy {
             if up.config.http2 {
                 peer.options.set_http_version(2, 1);
             }
-            if let Some(ca) = &up.config.tls.ca_file {
-                peer.options.ca =
-                    Some(load_ca(ca).map_err(|m| Error::explain(ErrorType::InvalidCert, m))?);
+            if let Some(ca) = &up.ca {
+                let ca = ca
+                    .clone()
+                    .map_err(|m| Error::explain(ErrorType::InvalidCert, m))?;
+                peer.options.ca = Some(ca);
             }
         }
         ctx.upstream_started = Some(Instant::now());

@@ -2,7 +2,11 @@
 //! `Host: openai.llm.mesh`) to an upstream, and pick one of its endpoints with round-robin over
 //! those whose circuit is closed. Pure functions of (request, snapshot), tested without network.
 
-use crate::config::{split_name, CallKind, CircuitBreakerConfig, Endpoint, UpstreamConfig};
+use crate::config::{
+    read_pem_certs, split_name, CallKind, CircuitBreakerConfig, Endpoint, UpstreamConfig,
+};
+use pingora::protocols::tls::CaType;
+use pingora::utils::tls::WrappedX509;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -95,6 +99,17 @@ pub struct UpstreamState {
     epoch: Instant,
     /// Connection-pool key: a hash of the upstream's config.
     pub pool_key: u64,
+    /// Trusted roots from `tls.ca_file`, read once per config version (not per connection).
+    pub ca: Option<Result<Arc<CaType>, String>>,
+}
+
+/// Reads a PEM CA file into pingora's per-peer CA list.
+fn load_ca(path: &std::path::Path) -> Result<Arc<CaType>, String> {
+    let certs: Vec<WrappedX509> = read_pem_certs(path)?
+        .into_iter()
+        .map(|der| WrappedX509::new(der, pingora::utils::tls::parse_x509))
+        .collect();
+    Ok(Arc::from(certs.into_boxed_slice()))
 }
 
 impl UpstreamState {
@@ -113,12 +128,13 @@ impl UpstreamState {
             h.finish()
         };
         Arc::new(UpstreamState {
-            config,
             endpoints,
             breakers,
             next: AtomicUsize::new(0),
             epoch: Instant::now(),
             pool_key,
+            ca: config.tls.ca_file.as_deref().map(load_ca),
+            config,
         })
     }
 

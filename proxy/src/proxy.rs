@@ -17,7 +17,6 @@ use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora_error::{ErrorSource, ErrorType};
 use pingora_proxy::FailToProxy;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,7 +30,6 @@ pub struct MeshProxy {
 /// Per-call context carried through the phases.
 pub struct CallCtx {
     started: Instant,
-    snapshot: Option<Arc<Snapshot>>,
     record: Option<CallRecord>,
     upstream: Option<Arc<UpstreamState>>,
     endpoint: Option<usize>,
@@ -45,6 +43,8 @@ pub struct CallCtx {
     upstream_started: Option<Instant>,
     first_byte: Option<Duration>,
     upstream_failed: bool,
+    /// The breaker already heard about this attempt (a failed connect).
+    breaker_noted: bool,
 }
 
 impl CallCtx {
@@ -225,19 +225,6 @@ fn failure_of(e: &Error, upstream: &str) -> Rejection {
     Rejection::new(status, cause, message).upstream(upstream)
 }
 
-/// Resolves `host:port`, off the worker thread for names.
-async fn socket_addr(host: &str, port: u16) -> Result<SocketAddr> {
-    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        return Ok(SocketAddr::new(ip, port));
-    }
-    let mut addrs = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|e| Error::because(ErrorType::ConnectNoRoute, format!("resolving {host}"), e))?;
-    addrs
-        .next()
-        .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, format!("{host} has no address")))
-}
-
 #[async_trait]
 impl ProxyHttp for MeshProxy {
     type CTX = CallCtx;
@@ -245,7 +232,6 @@ impl ProxyHttp for MeshProxy {
     fn new_ctx(&self) -> CallCtx {
         CallCtx {
             started: Instant::now(),
-            snapshot: None,
             record: None,
             upstream: None,
             endpoint: None,
@@ -258,6 +244,7 @@ impl ProxyHttp for MeshProxy {
             upstream_started: None,
             first_byte: None,
             upstream_failed: false,
+            breaker_noted: false,
         }
     }
 
@@ -267,7 +254,6 @@ impl ProxyHttp for MeshProxy {
         if let Err(rej) = self.select(session, &snap, ctx) {
             return self.respond(session, ctx, rej).await;
         }
-        ctx.snapshot = Some(snap);
         let kind = ctx.kind().unwrap_or(CallKind::Http);
         let method = session.req_header().method.as_str().to_string();
         if kind.inspects_body() && bodyful(&method) {
@@ -287,7 +273,7 @@ impl ProxyHttp for MeshProxy {
             return self.respond(session, ctx, rej).await;
         }
         if let Some(up) = &ctx.upstream {
-            if up.pick().is_none() {
+            if !up.available() {
                 let mut rej = Rejection::new(
                     503,
                     "circuit_open",
@@ -314,6 +300,7 @@ impl ProxyHttp for MeshProxy {
             .clone()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream selected"))?;
         ctx.tries += 1;
+        ctx.breaker_noted = false;
         // A retry re-sends the body from pingora's retry buffer: read it afresh.
         if ctx.held.is_some() {
             ctx.held = Some(BytesMut::new());
@@ -334,7 +321,10 @@ impl ProxyHttp for MeshProxy {
         };
         ctx.endpoint = Some(i);
         let ep = &up.endpoints[i];
-        let addr = socket_addr(&ep.host, ep.port).await?;
+        let addr = up
+            .address(i)
+            .await
+            .map_err(|m| Error::explain(ErrorType::ConnectNoRoute, m))?;
         let sni = up.config.tls.sni.clone().unwrap_or_else(|| ep.host.clone());
         let mut peer = HttpPeer::new(addr, ep.tls, sni);
         // Pools are per logical upstream: two upstreams with different trust settings never
@@ -493,6 +483,7 @@ impl ProxyHttp for MeshProxy {
             if up.record_failure(i) {
                 tracing::warn!(upstream = %up.config.name, endpoint = i, "circuit opened");
             }
+            ctx.breaker_noted = true;
             // Nothing was sent yet: a failed connect is always safe to retry.
             e.set_retry(ctx.tries <= up.config.retries.attempts);
         }
@@ -595,7 +586,8 @@ impl ProxyHttp for MeshProxy {
     }
 
     async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut CallCtx) {
-        if let (Some(up), Some(i)) = (ctx.upstream.as_ref(), ctx.endpoint) {
+        if let (Some(up), Some(i), false) = (ctx.upstream.as_ref(), ctx.endpoint, ctx.breaker_noted)
+        {
             if ctx.upstream_failed {
                 if up.record_failure(i) {
                     tracing::warn!(upstream = %up.config.name, endpoint = i, "circuit opened");

@@ -72,6 +72,9 @@ pub fn upstream_path(base: &str, forwarded: &str) -> String {
     }
 }
 
+/// How long a resolved endpoint address is reused before asking DNS again.
+const DNS_TTL: Duration = Duration::from_secs(30);
+
 /// Consecutive-failure circuit breaker for one endpoint.
 #[derive(Debug)]
 pub struct Breaker {
@@ -101,6 +104,8 @@ pub struct UpstreamState {
     pub pool_key: u64,
     /// Trusted roots from `tls.ca_file`, read once per config version (not per connection).
     pub ca: Option<Result<Arc<CaType>, String>>,
+    /// Last resolved address per endpoint, for names (IP literals never need DNS).
+    resolved: Vec<std::sync::Mutex<Option<(Instant, std::net::SocketAddr)>>>,
 }
 
 /// Reads a PEM CA file into pingora's per-peer CA list.
@@ -120,6 +125,7 @@ impl UpstreamState {
             .filter_map(|e| Endpoint::parse(e).ok()) // validated at load
             .collect();
         let breakers = endpoints.iter().map(|_| Breaker::new()).collect();
+        let n = endpoints.len();
         let pool_key = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -134,8 +140,32 @@ impl UpstreamState {
             epoch: Instant::now(),
             pool_key,
             ca: config.tls.ca_file.as_deref().map(load_ca),
+            resolved: (0..n).map(|_| std::sync::Mutex::new(None)).collect(),
             config,
         })
+    }
+
+    /// The socket address of endpoint `i`: IP literals directly, names through DNS (off the
+    /// worker thread) with the answer reused for `DNS_TTL`, so that a pooled connection is not
+    /// preceded by a lookup on every call.
+    pub async fn address(&self, i: usize) -> Result<std::net::SocketAddr, String> {
+        let ep = &self.endpoints[i];
+        if let Ok(ip) = ep.host.parse::<std::net::IpAddr>() {
+            return Ok(std::net::SocketAddr::new(ip, ep.port));
+        }
+        let cached = *self.resolved[i].lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, addr)) = cached {
+            if at.elapsed() < DNS_TTL {
+                return Ok(addr);
+            }
+        }
+        let addr = tokio::net::lookup_host((ep.host.as_str(), ep.port))
+            .await
+            .map_err(|e| format!("resolving {}: {e}", ep.host))?
+            .next()
+            .ok_or_else(|| format!("{} has no address", ep.host))?;
+        *self.resolved[i].lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), addr));
+        Ok(addr)
     }
 
     fn now_ms(&self) -> u64 {
@@ -144,6 +174,14 @@ impl UpstreamState {
 
     fn cb(&self) -> &CircuitBreakerConfig {
         &self.config.circuit_breaker
+    }
+
+    /// Whether any endpoint may take a call now (without advancing the round-robin).
+    pub fn available(&self) -> bool {
+        let now = self.now_ms();
+        self.breakers
+            .iter()
+            .any(|b| b.open_until_ms.load(Ordering::Relaxed) <= now)
     }
 
     /// Round-robin over endpoints whose circuit is closed, or whose cool-down has passed (one
@@ -261,15 +299,39 @@ mod tests {
     #[test]
     fn round_robin_skips_open_circuits() {
         let u = upstream(2, 2, Duration::from_secs(60));
+        assert!(u.available());
         let picks: Vec<_> = (0..4).map(|_| u.pick().unwrap()).collect();
         assert_eq!(picks, vec![0, 1, 0, 1]);
         assert!(!u.record_failure(0));
         assert!(u.record_failure(0));
         assert!((0..4).all(|_| u.pick() == Some(1)));
+        assert!(u.available());
         u.record_failure(1);
         u.record_failure(1);
+        assert!(!u.available());
         assert_eq!(u.pick(), None);
         assert!(u.retry_after() > Duration::from_secs(50));
+    }
+
+    #[tokio::test]
+    async fn addresses_resolve_and_are_cached() {
+        let u = UpstreamState::new(
+            serde_yaml::from_str(
+                "name: http/x\nendpoints: [\"http://localhost:8080\", \"http://10.1.2.3\"]",
+            )
+            .unwrap(),
+        );
+        let a = u.address(0).await.unwrap();
+        assert!(a.ip().is_loopback() && a.port() == 8080);
+        assert!(
+            u.resolved[0].lock().unwrap().is_some(),
+            "the answer is kept"
+        );
+        assert_eq!(u.address(1).await.unwrap(), "10.1.2.3:80".parse().unwrap());
+        assert!(
+            u.resolved[1].lock().unwrap().is_none(),
+            "IP literals skip DNS"
+        );
     }
 
     #[test]

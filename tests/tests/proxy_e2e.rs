@@ -74,7 +74,7 @@ async fn connect_failures_retry_then_open_the_circuit() {
         &dir,
         &format!(
             "upstreams:\n  - name: llm/openai\n    endpoints: [\"{dead}\", \"{}\"]\n    circuit_breaker: {{consecutive_failures: 100}}\n\
-             \x20 - name: http/down\n    endpoints: [\"{dead}\"]\n    retries: {{attempts: 1}}\n    circuit_breaker: {{consecutive_failures: 3, cool_down: 60s}}\n",
+             \x20 - name: http/down\n    endpoints: [\"{dead}\"]\n    retries: {{attempts: 0}}\n    circuit_breaker: {{consecutive_failures: 3, cool_down: 60s}}\n",
             llm.url("")
         ),
     )
@@ -88,13 +88,18 @@ async fn connect_failures_retry_then_open_the_circuit() {
             200
         );
     }
-    // Only a dead endpoint: 502 naming the upstream, until the circuit opens; then 503.
-    let r = reqwest::get(sc.url("/http/down/x")).await.unwrap();
-    assert_eq!(r.status(), 502);
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["error"]["upstream"], "http/down");
-    assert_eq!(v["error"]["type"], "upstream_unavailable");
-    let _ = reqwest::get(sc.url("/http/down/x")).await.unwrap();
+    // Both endpoints were used, in turn: the healthy one answered every call.
+    let calls = sc.wait_calls(4).await;
+    assert!(calls.iter().all(|c| c["status"] == 200));
+    // Only a dead endpoint, no retries: 502 naming the upstream for each of the 3 failures the
+    // breaker counts, then 503 while the circuit is open.
+    for _ in 0..3 {
+        let r = reqwest::get(sc.url("/http/down/x")).await.unwrap();
+        assert_eq!(r.status(), 502);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["upstream"], "http/down");
+        assert_eq!(v["error"]["type"], "upstream_unavailable");
+    }
     let r = reqwest::get(sc.url("/http/down/x")).await.unwrap();
     assert_eq!(r.status(), 503);
     assert!(r.headers().get("retry-after").is_some());

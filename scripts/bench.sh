@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The sidecar benchmark (BENCHMARKS.md): one run measures, at a constant rate, the same POST
+#   direct       → upstream (nginx serving a fixed JSON answer)
+#   nginx        → nginx as a plain reverse proxy → upstream
+#   sidecar-llm  → agentmesh-proxy on an llm/ route (body classified, usage read) → upstream
+#   sidecar-http → agentmesh-proxy on an http/ route (passthrough) → upstream
+# for a 200 B and a 4 KB response, and reports p50/p99 and the latency added over direct.
+# Usage: scripts/bench.sh [RATE] [DURATION]   (defaults 1000 req/s, 10s per target)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RATE=${1:-1000}; DURATION=${2:-10s}
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || scripts/setup.sh
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+cargo build --release -q -p agentmesh-proxy -p agentmesh-tests --bins
+
+W=$(mktemp -d); pids=()
+cleanup() { for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+UP=$(port); NG=$(port); OUT=$(port); ADM=$(port)
+
+# An OpenAI-shaped answer with usage, padded to the size asked.
+answer() {
+  python3 -c '
+import json, sys
+size = int(sys.argv[1])
+doc = {"model": "gpt-4o-mini", "choices": [{"message": {"role": "assistant", "content": ""}}],
+       "usage": {"prompt_tokens": 12, "completion_tokens": 3}}
+base = len(json.dumps(doc, separators=(",", ":")))
+doc["choices"][0]["message"]["content"] = "x" * max(0, size - base)
+print(json.dumps(doc, separators=(",", ":")), end="")' "$1"
+}
+mkdir -p "$W/www"; answer 200 > "$W/www/small"; answer 4096 > "$W/www/large"
+printf '%s' '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"benchmark request: say hello in one short sentence"}]}' > "$W/req.json"
+
+# Two nginx processes: the upstream, and the plain reverse proxy in front of it. They must not
+# share worker processes, or nginx's proxy hop would be an in-process call the sidecar cannot make.
+nginx_conf() { # name workers server-block
+  cat > "$W/$1.conf" <<NGINX_CONF
+daemon off;
+worker_processes $2;
+pid $W/$1.pid;
+error_log $W/$1-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $W; proxy_temp_path $W; fastcgi_temp_path $W; uwsgi_temp_path $W; scgi_temp_path $W;
+  $3
+}
+NGINX_CONF
+}
+# Static files answer POST with 405; the internal redirect serves them as GET.
+nginx_conf upstream 2 "server { listen 127.0.0.1:$UP; default_type application/json; location / { root $W/www; error_page 405 =200 \$uri; } }"
+nginx_conf proxy 2 "upstream up { server 127.0.0.1:$UP; keepalive 64; }
+  server { listen 127.0.0.1:$NG; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+cat > "$W/sidecar.yaml" <<SIDECAR_CONF
+agent: {name: bench}
+listeners: {outbound: "127.0.0.1:$OUT", admin: "127.0.0.1:$ADM"}
+upstreams:
+  - {name: llm/bench, api: openai, endpoints: ["http://127.0.0.1:$UP"]}
+  - {name: http/bench, endpoints: ["http://127.0.0.1:$UP"]}
+SIDECAR_CONF
+"$NGINX" -c "$W/upstream.conf" & pids+=($!)
+"$NGINX" -c "$W/proxy.conf" & pids+=($!)
+target/release/agentmesh-proxy --config "$W/sidecar.yaml" --access-log off --threads 2 2>"$W/sidecar.log" & pids+=($!)
+SIDECAR=$!
+up=0
+for _ in $(seq 1 100); do
+  if curl -fs "http://127.0.0.1:$ADM/readyz" >/dev/null 2>&1 && curl -fs -X POST "http://127.0.0.1:$NG/small" >/dev/null 2>&1; then up=1; break; fi
+  sleep 0.1
+done
+[ "$up" = 1 ] || { echo "bench: nginx or the sidecar did not start"; cat "$W"/*.log; exit 1; }
+
+echo "# $(date -u +%FT%TZ), $(nproc) cores, $RATE req/s, $DURATION per target (after 2s warm-up)"
+for size in small large; do
+  bytes=$(wc -c < "$W/www/$size")
+  echo; echo "## response $bytes bytes, request $(wc -c < "$W/req.json") bytes"
+  target/release/meshbench --rate "$RATE" --duration "$DURATION" --body-file "$W/req.json" \
+    "direct=http://127.0.0.1:$UP/$size" \
+    "nginx=http://127.0.0.1:$NG/$size" \
+    "sidecar-llm=http://127.0.0.1:$OUT/llm/bench/$size" \
+    "sidecar-http=http://127.0.0.1:$OUT/http/bench/$size"
+done
+echo; echo "sidecar memory after the run: $(grep -E 'VmRSS|VmHWM' /proc/$SIDECAR/status | tr -s ' \t' ' ' | paste -sd ',')"

@@ -4,6 +4,7 @@
 #   nginx        → nginx as a plain reverse proxy → upstream
 #   sidecar-llm  → agentmesh-proxy on an llm/ route (body classified, usage read) → upstream
 #   sidecar-http → agentmesh-proxy on an http/ route (passthrough) → upstream
+#   pingora      → the smallest pingora proxy (tests/src/bin/pingora-floor.rs): the framework's floor
 # for a 200 B and a 4 KB response, and reports p50/p99 and the latency added over direct.
 # Usage: scripts/bench.sh [RATE] [DURATION]   (defaults 1000 req/s, 10s per target)
 set -euo pipefail
@@ -17,7 +18,7 @@ W=$(mktemp -d); pids=()
 cleanup() { for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
 trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UP=$(port); NG=$(port); OUT=$(port); ADM=$(port)
+UP=$(port); NG=$(port); OUT=$(port); ADM=$(port); PF=$(port)
 
 # An OpenAI-shaped answer with usage, padded to the size asked.
 answer() {
@@ -62,11 +63,13 @@ upstreams:
 SIDECAR_CONF
 "$NGINX" -c "$W/upstream.conf" & pids+=($!)
 "$NGINX" -c "$W/proxy.conf" & pids+=($!)
-target/release/agentmesh-proxy --config "$W/sidecar.yaml" --access-log off --threads 2 2>"$W/sidecar.log" & pids+=($!)
+target/release/agentmesh-proxy --config "$W/sidecar.yaml" --access-log off --threads "${SIDECAR_THREADS:-2}" 2>"$W/sidecar.log" & pids+=($!)
 SIDECAR=$!
+target/release/pingora-floor "127.0.0.1:$PF" "127.0.0.1:$UP" 2>"$W/floor.log" & pids+=($!)
 up=0
 for _ in $(seq 1 100); do
-  if curl -fs "http://127.0.0.1:$ADM/readyz" >/dev/null 2>&1 && curl -fs -X POST "http://127.0.0.1:$NG/small" >/dev/null 2>&1; then up=1; break; fi
+  if curl -fs "http://127.0.0.1:$ADM/readyz" >/dev/null 2>&1 && curl -fs -X POST "http://127.0.0.1:$NG/small" >/dev/null 2>&1 \
+     && curl -fs -X POST "http://127.0.0.1:$PF/small" >/dev/null 2>&1; then up=1; break; fi
   sleep 0.1
 done
 [ "$up" = 1 ] || { echo "bench: nginx or the sidecar did not start"; cat "$W"/*.log; exit 1; }
@@ -79,6 +82,7 @@ for size in small large; do
     "direct=http://127.0.0.1:$UP/$size" \
     "nginx=http://127.0.0.1:$NG/$size" \
     "sidecar-llm=http://127.0.0.1:$OUT/llm/bench/$size" \
-    "sidecar-http=http://127.0.0.1:$OUT/http/bench/$size"
+    "sidecar-http=http://127.0.0.1:$OUT/http/bench/$size" \
+    "pingora=http://127.0.0.1:$PF/$size"
 done
 echo; echo "sidecar memory after the run: $(grep -E 'VmRSS|VmHWM' /proc/$SIDECAR/status | tr -s ' \t' ' ' | paste -sd ',')"

@@ -9,6 +9,8 @@
 //!
 //! Control headers let a test shape the answer: `x-mock-status` (answer with that error status),
 //! `x-mock-delay-ms` (wait before answering), `x-mock-chunk-delay-ms` (wait between SSE chunks).
+//! Two debug routes serve proxy tests: `GET /debug/version` (the HTTP version the request came
+//! in) and `POST /debug/echo` (the number of body bytes received).
 
 use axum::body::{Body, Bytes};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -82,7 +84,14 @@ pub fn router(script: Script) -> Router {
             "/debug/version",
             get(|v: axum::http::Version| async move { format!("{v:?}") }),
         )
+        .route("/debug/echo", post(echo_len))
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .with_state(Arc::new(script))
+}
+
+/// Counts the body bytes received, for the proxy's streaming tests.
+async fn echo_len(body: Bytes) -> Json<Value> {
+    Json(json!({"bytes": body.len()}))
 }
 
 fn words(s: &str) -> u64 {

@@ -324,3 +324,65 @@ async fn an_invalid_bootstrap_file_stops_the_start_with_its_error() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn bodies_stream_on_http_routes_and_are_bounded_on_inspected_ones() {
+    let dir = Scratch::new("bodies");
+    let llm = Fixture::mock_llm(&dir, &[]).await;
+    let sc = Sidecar::start(
+        &dir,
+        &format!(
+            "limits: {{max_inspect_body_bytes: 65536}}\nupstreams:\n  - name: http/echo\n    endpoints: [\"{u}\"]\n\
+             \x20 - name: llm/openai\n    endpoints: [\"{u}\"]\n",
+            u = llm.url("")
+        ),
+    )
+    .await;
+    // A 3 MiB upload on a plain http/ route is streamed through, not bounded.
+    let big = vec![b'a'; 3 << 20];
+    let r = reqwest::Client::new()
+        .post(sc.url("/http/echo/debug/echo"))
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["bytes"], 3 << 20);
+
+    // A chunked body (no Content-Length) that grows past the bound on an llm/ route: 413.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", sc.outbound))
+        .await
+        .unwrap();
+    s.write_all(b"POST /llm/openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n")
+        .await
+        .unwrap();
+    let chunk = format!("{:x}\r\n{}\r\n", 16384, "x".repeat(16384));
+    for _ in 0..6 {
+        if s.write_all(chunk.as_bytes()).await.is_err() {
+            break; // the sidecar may already have answered and closed
+        }
+    }
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("body_too_large"), "{answer}");
+
+    // A Content-Length over the bound is refused before the body is read.
+    let r = reqwest::Client::new()
+        .post(sc.url("/llm/openai/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(vec![b' '; 70000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+
+    // The sidecar still serves.
+    assert_eq!(
+        post(&sc.url("/llm/openai/v1/chat/completions"), &chat())
+            .await
+            .0,
+        200
+    );
+}

@@ -21,6 +21,7 @@ use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +52,17 @@ pub struct ToolCall {
 pub struct Script {
     #[serde(default)]
     pub rules: Vec<Rule>,
+}
+
+/// The server's state: its script and how many API requests it has received.
+struct MockState {
+    script: Script,
+    requests: AtomicU64,
+}
+
+/// `GET /debug/stats`: API requests received so far (lets tests see retries).
+async fn stats(State(m): State<Arc<MockState>>) -> Json<Value> {
+    Json(json!({"requests": m.requests.load(Ordering::Relaxed)}))
 }
 
 /// What the model "decided" for one request.
@@ -86,7 +98,11 @@ pub fn router(script: Script) -> Router {
         )
         .route("/debug/echo", post(echo_len))
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
-        .with_state(Arc::new(script))
+        .route("/debug/stats", get(stats))
+        .with_state(Arc::new(MockState {
+            script,
+            requests: AtomicU64::new(0),
+        }))
 }
 
 /// Counts the body bytes received, for the proxy's streaming tests.
@@ -213,7 +229,8 @@ fn header_u64(h: &HeaderMap, name: &str) -> Option<u64> {
 }
 
 /// Applies `x-mock-delay-ms` and `x-mock-status`; returns an error response if asked for one.
-async fn control(h: &HeaderMap, api: Api) -> Option<Response> {
+async fn control(m: &MockState, h: &HeaderMap, api: Api) -> Option<Response> {
+    m.requests.fetch_add(1, Ordering::Relaxed);
     if let Some(ms) = header_u64(h, "x-mock-delay-ms") {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
@@ -295,16 +312,16 @@ fn reply_words(t: &str) -> Vec<String> {
         .collect()
 }
 
-async fn chat(State(s): State<Arc<Script>>, h: HeaderMap, body: Bytes) -> Response {
+async fn chat(State(m): State<Arc<MockState>>, h: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body, Api::Chat) {
         Ok(v) => v,
         Err(r) => return *r,
     };
-    if let Some(r) = control(&h, Api::Chat).await {
+    if let Some(r) = control(&m, &h, Api::Chat).await {
         return r;
     }
     let model = model_of(&req);
-    let answer = decide(&s, &req);
+    let answer = decide(&m.script, &req);
     let (inp, out) = (input_tokens(&req), output_tokens(&answer));
     let usage = json!({"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out,
         "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}});
@@ -379,16 +396,16 @@ async fn chat(State(s): State<Arc<Script>>, h: HeaderMap, body: Bytes) -> Respon
     .into_response()
 }
 
-async fn responses(State(s): State<Arc<Script>>, h: HeaderMap, body: Bytes) -> Response {
+async fn responses(State(m): State<Arc<MockState>>, h: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body, Api::Responses) {
         Ok(v) => v,
         Err(r) => return *r,
     };
-    if let Some(r) = control(&h, Api::Responses).await {
+    if let Some(r) = control(&m, &h, Api::Responses).await {
         return r;
     }
     let model = model_of(&req);
-    let answer = decide(&s, &req);
+    let answer = decide(&m.script, &req);
     let (inp, out) = (input_tokens(&req), output_tokens(&answer));
     let output = match &answer {
         Answer::Text(t) => {
@@ -438,16 +455,16 @@ async fn responses(State(s): State<Arc<Script>>, h: HeaderMap, body: Bytes) -> R
     Json(response("completed", output, usage)).into_response()
 }
 
-async fn messages(State(s): State<Arc<Script>>, h: HeaderMap, body: Bytes) -> Response {
+async fn messages(State(m): State<Arc<MockState>>, h: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body, Api::Messages) {
         Ok(v) => v,
         Err(r) => return *r,
     };
-    if let Some(r) = control(&h, Api::Messages).await {
+    if let Some(r) = control(&m, &h, Api::Messages).await {
         return r;
     }
     let model = model_of(&req);
-    let answer = decide(&s, &req);
+    let answer = decide(&m.script, &req);
     let (inp, out) = (input_tokens(&req), output_tokens(&answer));
     let (block, stop) = match &answer {
         Answer::Text(t) => (json!({"type": "text", "text": t}), "end_turn"),
@@ -498,10 +515,14 @@ async fn messages(State(s): State<Arc<Script>>, h: HeaderMap, body: Bytes) -> Re
     Json(message(json!([block]), json!(stop), out)).into_response()
 }
 
-async fn models() -> Json<Value> {
+async fn models(State(m): State<Arc<MockState>>, h: HeaderMap) -> Response {
+    if let Some(r) = control(&m, &h, Api::Chat).await {
+        return r;
+    }
     Json(json!({"object": "list", "data": [
         {"id": "gpt-4o-mini", "object": "model", "created": 1_700_000_000u64, "owned_by": "mock"},
         {"id": "claude-sonnet-4-5", "object": "model", "created": 1_700_000_000u64, "owned_by": "mock"}]}))
+    .into_response()
 }
 
 /// Realtime-style WebSocket: echoes each text frame back prefixed with `echo: `.

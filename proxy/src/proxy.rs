@@ -503,13 +503,19 @@ impl ProxyHttp for MeshProxy {
             .upstream
             .as_ref()
             .map_or(0, |u| u.config.retries.attempts);
-        // Retry only safe calls: idempotent methods with a replayable body, within the budget.
+        // Retry only safe calls: idempotent methods with a replayable body, within the budget,
+        // and only before the caller has seen any of the response. Such a call is retried on
+        // any upstream failure, timeouts included (what pingora alone would retry only on a
+        // reused connection).
         if ctx.rejection.is_some()
             || ctx.tries > attempts
+            || ctx.first_byte.is_some()
             || !session.req_header().method.is_idempotent()
             || session.as_ref().retry_buffer_truncated()
         {
             e.set_retry(false);
+        } else if e.esource() == &ErrorSource::Upstream {
+            e.set_retry(true);
         } else {
             e.retry.decide_reuse(client_reused);
         }

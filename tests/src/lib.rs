@@ -32,10 +32,15 @@ impl Drop for Proc {
 }
 
 pub fn spawn(name: &str, args: &[&str], log: &Path) -> Proc {
+    spawn_with_env(name, args, &[], log)
+}
+
+pub fn spawn_with_env(name: &str, args: &[&str], env: &[(&str, &str)], log: &Path) -> Proc {
     let out = std::fs::File::create(log).expect("log file");
     let err = out.try_clone().expect("log file");
     let child = Command::new(bin_dir().join(name))
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err))
         .spawn()
@@ -88,6 +93,17 @@ pub struct Fixture {
 }
 
 impl Fixture {
+    /// The mock LLM's count of API requests received (`/debug/stats`).
+    pub async fn requests(&self) -> u64 {
+        let v: serde_json::Value = reqwest::get(self.url("/debug/stats"))
+            .await
+            .expect("stats")
+            .json()
+            .await
+            .expect("json");
+        v["requests"].as_u64().unwrap_or(0)
+    }
+
     pub async fn mock_llm(dir: &Scratch, extra: &[&str]) -> Fixture {
         Self::start("mock-llm", dir, extra).await
     }
@@ -137,12 +153,17 @@ impl Sidecar {
     }
 
     pub async fn start(dir: &Scratch, body: &str) -> Sidecar {
+        Self::start_with_env(dir, body, &[]).await
+    }
+
+    /// Starts with extra environment variables (e.g. `SSL_CERT_FILE` for the system roots).
+    pub async fn start_with_env(dir: &Scratch, body: &str, env: &[(&str, &str)]) -> Sidecar {
         let (outbound, admin, inbound) = (free_port(), free_port(), free_port());
         let config = dir.path("sidecar.yaml");
         std::fs::write(&config, Self::config_text(outbound, admin, inbound, body))
             .expect("write config");
         let access_log = dir.path("access.jsonl");
-        let proc = spawn(
+        let proc = spawn_with_env(
             "agentmesh-proxy",
             &[
                 "--config",
@@ -150,6 +171,7 @@ impl Sidecar {
                 "--access-log",
                 access_log.to_str().unwrap_or_default(),
             ],
+            env,
             &dir.path("sidecar.log"),
         );
         wait_ok(&format!("http://127.0.0.1:{admin}/readyz")).await;

@@ -130,6 +130,17 @@ async fn slow_upstream_gets_504_and_unsafe_calls_are_not_retried() {
     let calls = sc.wait_calls(1).await;
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0]["status"], 504);
+    // A POST is not idempotent: it was sent once, never retried.
+    assert_eq!(llm.requests().await, 1);
+    // A GET is: it was tried 1 + `retries.attempts` (2) times before the 504.
+    let r = reqwest::Client::new()
+        .get(sc.url("/llm/openai/v1/models"))
+        .header("x-mock-delay-ms", "2000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert_eq!(llm.requests().await, 1 + 3);
 }
 
 #[tokio::test]
@@ -191,6 +202,34 @@ async fn h2c_from_the_agent_and_h2_over_tls_to_the_provider() {
         .await
         .unwrap();
     assert_eq!(version, "HTTP/2.0");
+    // Without `tls.ca_file` the system roots are used (rustls-native-certs, which honours
+    // SSL_CERT_FILE): trusted when the test CA is the system's, refused when it is not.
+    let sys = format!("upstreams:\n  - name: llm/openai\n    endpoints: [\"https://127.0.0.1:{}\"]\n    tls: {{sni: localhost}}\n", llm.port);
+    let trusting = Sidecar::start_with_env(
+        &Scratch::new("sysroots"),
+        &sys,
+        &[("SSL_CERT_FILE", cert.to_str().unwrap())],
+    )
+    .await;
+    assert_eq!(
+        post(&trusting.url("/llm/openai/v1/chat/completions"), &chat())
+            .await
+            .0,
+        200
+    );
+    let other_roots = dir.path("other.pem");
+    let distrusting = Sidecar::start_with_env(
+        &Scratch::new("sysroots2"),
+        &sys,
+        &[("SSL_CERT_FILE", other_roots.to_str().unwrap())],
+    )
+    .await;
+    let (s, v) = post(&distrusting.url("/llm/openai/v1/chat/completions"), &chat()).await;
+    assert_eq!(
+        (s, v["error"]["type"].as_str()),
+        (502, Some("upstream_tls_error"))
+    );
+
     // A certificate from another CA is refused with a clear 502.
     let (s, v) = post(&sc.url("/llm/wrongca/v1/chat/completions"), &chat()).await;
     assert_eq!(s, 502);

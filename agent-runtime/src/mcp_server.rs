@@ -243,30 +243,19 @@ async fn post(State(sessions): State<Arc<Sessions>>, h: HeaderMap, body: Bytes) 
                 );
             }
         } else if method != "initialize" {
-            match header(&h, "mcp-session-id") {
-                None => {
-                    return error_response(
-                        StatusCode::BAD_REQUEST,
-                        rpc_error(
-                            id.unwrap_or(Value::Null),
-                            INVALID_REQUEST,
-                            "missing Mcp-Session-Id: initialize first",
-                            None,
-                        ),
-                    )
-                }
+            let refused = match header(&h, "mcp-session-id") {
+                None => Some((
+                    StatusCode::BAD_REQUEST,
+                    "missing Mcp-Session-Id: initialize first",
+                )),
                 Some(s) if !sessions.lock().contains(s) => {
-                    return error_response(
-                        StatusCode::NOT_FOUND,
-                        rpc_error(
-                            id.unwrap_or(Value::Null),
-                            INVALID_REQUEST,
-                            "unknown or terminated session",
-                            None,
-                        ),
-                    )
+                    Some((StatusCode::NOT_FOUND, "unknown or terminated session"))
                 }
-                Some(_) => {}
+                Some(_) => None,
+            };
+            if let Some((status, message)) = refused {
+                let id = id.unwrap_or(Value::Null);
+                return error_response(status, rpc_error(id, INVALID_REQUEST, message, None));
             }
         }
         let Some(id) = id else { continue }; // notification

@@ -22,18 +22,24 @@ async fn post(url: &str, body: &Value) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// A mock LLM and a sidecar that grants it as `llm/openai`; `fields` adds YAML lines to that
+/// upstream (indented 4 spaces), `more` adds whole sections after it (`{LLM}` in it stands for
+/// the mock's URL).
+async fn openai_sidecar(tag: &str, fields: &str, more: &str) -> (Scratch, Fixture, Sidecar) {
+    let dir = Scratch::new(tag);
+    let llm = Fixture::mock_llm(&dir, &[]).await;
+    let body = format!(
+        "upstreams:\n  - name: llm/openai\n    endpoints: [\"{}\"]\n{fields}{}",
+        llm.url(""),
+        more.replace("{LLM}", &llm.url(""))
+    );
+    let sc = Sidecar::start(&dir, &body).await;
+    (dir, llm, sc)
+}
+
 #[tokio::test]
 async fn routes_by_path_and_host_and_refuses_unknown_names() {
-    let dir = Scratch::new("route");
-    let llm = Fixture::mock_llm(&dir, &[]).await;
-    let sc = Sidecar::start(
-        &dir,
-        &format!(
-            "upstreams:\n  - name: llm/openai\n    endpoints: [\"{}\"]\n",
-            llm.url("")
-        ),
-    )
-    .await;
+    let (_dir, _llm, sc) = openai_sidecar("route", "", "").await;
     let (s, v) = post(&sc.url("/llm/openai/v1/chat/completions"), &chat()).await;
     assert_eq!(s, 200);
     assert_eq!(v["choices"][0]["message"]["content"], "Mock reply to: ping");
@@ -109,13 +115,7 @@ async fn connect_failures_retry_then_open_the_circuit() {
 
 #[tokio::test]
 async fn slow_upstream_gets_504_and_unsafe_calls_are_not_retried() {
-    let dir = Scratch::new("timeout");
-    let llm = Fixture::mock_llm(&dir, &[]).await;
-    let sc = Sidecar::start(
-        &dir,
-        &format!("upstreams:\n  - name: llm/openai\n    endpoints: [\"{}\"]\n    timeouts: {{read: 300ms}}\n", llm.url("")),
-    )
-    .await;
+    let (_dir, llm, sc) = openai_sidecar("timeout", "    timeouts: {read: 300ms}\n", "").await;
     let r = reqwest::Client::new()
         .post(sc.url("/llm/openai/v1/chat/completions"))
         .header("x-mock-delay-ms", "2000")
@@ -239,16 +239,7 @@ async fn h2c_from_the_agent_and_h2_over_tls_to_the_provider() {
 
 #[tokio::test]
 async fn websocket_upgrade_is_passed_through() {
-    let dir = Scratch::new("ws");
-    let llm = Fixture::mock_llm(&dir, &[]).await;
-    let sc = Sidecar::start(
-        &dir,
-        &format!(
-            "upstreams:\n  - name: llm/openai\n    endpoints: [\"{}\"]\n",
-            llm.url("")
-        ),
-    )
-    .await;
+    let (_dir, _llm, sc) = openai_sidecar("ws", "", "").await;
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", sc.outbound))
         .await
         .unwrap();
@@ -366,17 +357,8 @@ async fn an_invalid_bootstrap_file_stops_the_start_with_its_error() {
 
 #[tokio::test]
 async fn bodies_stream_on_http_routes_and_are_bounded_on_inspected_ones() {
-    let dir = Scratch::new("bodies");
-    let llm = Fixture::mock_llm(&dir, &[]).await;
-    let sc = Sidecar::start(
-        &dir,
-        &format!(
-            "limits: {{max_inspect_body_bytes: 65536}}\nupstreams:\n  - name: http/echo\n    endpoints: [\"{u}\"]\n\
-             \x20 - name: llm/openai\n    endpoints: [\"{u}\"]\n",
-            u = llm.url("")
-        ),
-    )
-    .await;
+    let more = "  - name: http/echo\n    endpoints: [\"{LLM}\"]\nlimits: {max_inspect_body_bytes: 65536}\n";
+    let (_dir, _llm, sc) = openai_sidecar("bodies", "", more).await;
     // A 3 MiB upload on a plain http/ route is streamed through, not bounded.
     let big = vec![b'a'; 3 << 20];
     let r = reqwest::Client::new()

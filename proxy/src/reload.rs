@@ -34,6 +34,16 @@ impl Reloader {
     }
 }
 
+/// Whether a file event can change the file's content. Reads are not: reacting to them would
+/// make every reload (which reads the file) trigger the next one.
+fn is_change(kind: &notify::EventKind) -> bool {
+    use notify::EventKind;
+    matches!(
+        kind,
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Any
+    )
+}
+
 #[async_trait]
 impl BackgroundService for Reloader {
     async fn start(&self, mut shutdown: ShutdownWatch) {
@@ -44,7 +54,9 @@ impl BackgroundService for Reloader {
         let mut watcher =
             match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
                 if let Ok(ev) = ev {
-                    if ev.paths.iter().any(|p| p.file_name() == file.file_name()) {
+                    if is_change(&ev.kind)
+                        && ev.paths.iter().any(|p| p.file_name() == file.file_name())
+                    {
                         let _ = watch_tx.try_send(());
                     }
                 }
@@ -89,5 +101,27 @@ impl BackgroundService for Reloader {
             }
         }
         drop(tx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
+    use notify::EventKind;
+
+    #[test]
+    fn reads_of_the_file_do_not_trigger_a_reload() {
+        assert!(!is_change(&EventKind::Access(AccessKind::Open(
+            AccessMode::Read
+        ))));
+        assert!(!is_change(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(is_change(&EventKind::Modify(ModifyKind::Any)));
+        assert!(is_change(&EventKind::Modify(ModifyKind::Name(
+            RenameMode::To
+        ))));
+        assert!(is_change(&EventKind::Create(CreateKind::File)));
     }
 }

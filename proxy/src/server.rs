@@ -25,8 +25,29 @@ pub struct RunOptions {
     pub access_log_format: crate::accesslog::Format,
 }
 
+/// Checks that every listener address can be bound, so that a taken port stops the start with
+/// a clear error (pingora would log it from a service thread and keep running without it).
+fn check_listeners(config: &Config) -> anyhow::Result<()> {
+    let l = &config.listeners;
+    let mut wanted = vec![("outbound", l.outbound), ("admin", l.admin)];
+    if let (Some(addr), Some(_)) = (l.inbound, config.inbound.forward_to) {
+        wanted.push(("inbound", addr));
+    }
+    for (name, addr) in wanted {
+        // std sets SO_REUSEADDR on Unix, as pingora does, so TIME_WAIT sockets do not interfere.
+        std::net::TcpListener::bind(addr).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {addr} ({name} listener): {e}; is another sidecar or process using it? \
+                 Set `listeners.{name}` to another address"
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// Builds the server; `run_forever` on the result starts serving.
 pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Server> {
+    check_listeners(&config)?;
     let conf = ServerConf {
         threads: opts.threads,
         // Per-upstream attempt limits are enforced in the proxy; this is only the ceiling.

@@ -407,3 +407,28 @@ async fn bodies_stream_on_http_routes_and_are_bounded_on_inspected_ones() {
         200
     );
 }
+
+#[tokio::test]
+async fn a_taken_port_stops_the_start_with_a_clear_error() {
+    let dir = Scratch::new("taken");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let cfg = dir.path("c.yaml");
+    std::fs::write(
+        &cfg,
+        Sidecar::config_text(port, free_port(), free_port(), ""),
+    )
+    .unwrap();
+    let out = std::process::Command::new(agentmesh_tests::bin_dir().join("agentmesh-proxy"))
+        .args(["--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "cannot listen on 127.0.0.1:{port} (outbound listener)"
+        )),
+        "{err}"
+    );
+}

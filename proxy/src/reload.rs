@@ -20,6 +20,7 @@ pub struct Reloader {
 impl Reloader {
     /// Loads the file and applies it if valid and different. Returns whether it was applied.
     pub fn reload(&self) -> bool {
+        self.store.checked();
         match Config::load(&self.path) {
             Ok(c) if c == self.store.snapshot().config => false,
             Ok(c) => {

@@ -25,6 +25,8 @@ pub struct Snapshot {
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ReloadStatus {
     pub source: String,
+    /// Times the source was read for a possible reload (SIGHUP or a change on disk).
+    pub checks: u64,
     pub reloads_ok: u64,
     pub reloads_rejected: u64,
     pub last_error: Option<String>,
@@ -69,6 +71,11 @@ impl Store {
         let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
         s.reloads_ok += 1;
         s.last_error = None;
+    }
+
+    /// Records that the source was read for a possible reload.
+    pub fn checked(&self) {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).checks += 1;
     }
 
     /// Records a rejected update; the running config stays in force.

@@ -311,6 +311,11 @@ async fn hot_reload_applies_good_files_and_keeps_the_last_good_one() {
     sc.rewrite(&ab);
     sc.wait_dump(|d| d["version"] == 2).await;
     assert_eq!(post(&sc.url("/mcp/b"), &init).await.0, 200);
+    // Left alone, the file is not read again: the reload's own read is not a change.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let checks = sc.config_dump().await["status"]["checks"].clone();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(sc.config_dump().await["status"]["checks"], checks);
 
     // An invalid one is rejected with file, line and field; the running config stays.
     sc.rewrite(&format!("{ab}    timeouts: {{connect: soon}}\n"));

@@ -296,6 +296,37 @@ impl Config {
                 "must be greater than 0".into(),
             ));
         }
+        let l = &self.listeners;
+        let mut taken = vec![
+            ("listeners.outbound", l.outbound),
+            ("listeners.admin", l.admin),
+        ];
+        if let (Some(inbound), Some(_)) = (l.inbound, self.inbound.forward_to) {
+            taken.push(("listeners.inbound", inbound));
+        }
+        for (i, (field, addr)) in taken.iter().enumerate() {
+            if let Some((other, _)) = taken[..i].iter().find(|(_, a)| {
+                a.port() == addr.port()
+                    && (a.ip() == addr.ip()
+                        || a.ip().is_unspecified()
+                        || addr.ip().is_unspecified())
+            }) {
+                return Err(invalid(
+                    field.to_string(),
+                    format!("{addr} is also `{other}`"),
+                ));
+            }
+        }
+        if let Some(fwd) = self.inbound.forward_to {
+            if taken.iter().any(|(_, a)| {
+                a.port() == fwd.port() && (a.ip() == fwd.ip() || a.ip().is_unspecified())
+            }) {
+                return Err(invalid(
+                    "inbound.forward_to".into(),
+                    format!("{fwd} is one of this sidecar's own listeners: calls would loop"),
+                ));
+            }
+        }
         if self.inbound.forward_to.is_some() && !self.inbound.allow_plaintext {
             return Err(invalid(
                 "inbound.allow_plaintext".into(),
@@ -512,6 +543,9 @@ mod tests {
             ("agent: {name: p}\nupstreams: [{name: mcp/a, endpoints: [\"http://a\"]}, {name: mcp/a, endpoints: [\"http://b\"]}]\n", "upstreams[1].name"),
             ("agent: {name: p}\ninbound: {forward_to: \"127.0.0.1:1\"}\n", "inbound.allow_plaintext"),
             ("agent: {name: p}\nlimits: {max_inspect_body_bytes: 0}\n", "limits.max_inspect_body_bytes"),
+            ("agent: {name: p}\nlisteners: {outbound: \"127.0.0.1:7000\", admin: \"127.0.0.1:7000\"}\n", "listeners.admin"),
+            ("agent: {name: p}\nlisteners: {inbound: \"0.0.0.0:7001\", outbound: \"127.0.0.1:7001\"}\ninbound: {forward_to: \"127.0.0.1:9\", allow_plaintext: true}\n", "listeners.inbound"),
+            ("agent: {name: p}\ninbound: {forward_to: \"127.0.0.1:15001\", allow_plaintext: true}\n", "inbound.forward_to"),
         ];
         for (yaml, field) in cases {
             let e = Config::from_yaml(yaml, "c.yaml").unwrap_err().to_string();

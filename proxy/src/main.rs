@@ -58,6 +58,17 @@ fn main() {
         upstreams = config.upstreams.len(),
         "starting agentmesh-proxy"
     );
+    // The effective config, defaults filled in, for whoever reads the start-up log.
+    for u in &config.upstreams {
+        tracing::info!(
+            upstream = %u.name,
+            endpoints = ?u.endpoints,
+            connect_timeout = ?u.timeouts.connect,
+            read_timeout = ?u.timeouts.read,
+            retries = u.retries.attempts,
+            "upstream"
+        );
+    }
     let opts = RunOptions {
         config_path: args.config,
         threads: args.threads,

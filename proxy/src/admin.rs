@@ -1,7 +1,9 @@
 //! The admin listener (design §2, port 15000): `/healthz` (the process serves), `/readyz` (a
 //! config is loaded and the listeners are up), `/config_dump` (the effective config with its
-//! version and reload status). Loopback only by default.
+//! version and reload status), `/stats` (access-log counters; `/metrics` comes with issue 4).
+//! Loopback only by default.
 
+use crate::accesslog::AccessLog;
 use crate::state::Store;
 use async_trait::async_trait;
 use http::Response;
@@ -13,6 +15,7 @@ use std::time::UNIX_EPOCH;
 
 pub struct Admin {
     pub store: Arc<Store>,
+    pub access_log: Arc<AccessLog>,
 }
 
 fn json_response(status: u16, v: serde_json::Value) -> Response<Vec<u8>> {
@@ -55,9 +58,10 @@ impl ServeHttp for Admin {
                     }),
                 )
             }
+            "/stats" => json_response(200, json!({"access_log": self.access_log.counters()})),
             _ => json_response(
                 404,
-                json!({"error": {"type": "not_found", "message": format!("no admin endpoint {path}; try /healthz, /readyz, /config_dump")}}),
+                json!({"error": {"type": "not_found", "message": format!("no admin endpoint {path}; try /healthz, /readyz, /config_dump, /stats")}}),
             ),
         }
     }

@@ -93,6 +93,7 @@ pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Server> {
         "admin".to_string(),
         pingora::apps::http_app::HttpServer::new_app(Admin {
             store: store.clone(),
+            access_log: access_log.clone(),
         }),
     );
     admin.add_tcp(&listeners.admin.to_string());

@@ -437,3 +437,50 @@ async fn a_taken_port_stops_the_start_with_a_clear_error() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn sigterm_lets_an_open_stream_finish_before_exit() {
+    use futures::StreamExt;
+    let (_dir, _llm, mut sc) = openai_sidecar("drain", "", "").await;
+    let body = json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "one two three four five six"}]});
+    let resp = reqwest::Client::new()
+        .post(sc.url("/llm/openai/v1/chat/completions"))
+        .header("x-mock-chunk-delay-ms", "250")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "));
+    // The stream has ~3 s to go; the sidecar is told to stop now.
+    let pid = sc.proc.0.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut rest = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        rest.extend_from_slice(&chunk.expect("the stream is not cut"));
+    }
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.trim_end().ends_with("data: [DONE]"),
+        "stream ended early: {rest}"
+    );
+    // ...and then the process exits by itself.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = sc.proc.0.try_wait().unwrap() {
+            assert!(status.success() || status.code().is_none(), "{status:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sidecar did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

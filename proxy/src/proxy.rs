@@ -65,18 +65,7 @@ impl MeshProxy {
         ctx: &mut CallCtx,
         rej: Rejection,
     ) -> Result<bool> {
-        let body = rej.body(ctx.kind());
-        let mut resp = ResponseHeader::build(rej.status, Some(4))?;
-        resp.insert_header("content-type", "application/json")?;
-        resp.insert_header("content-length", body.len().to_string())?;
-        if let Some(s) = rej.retry_after_secs {
-            resp.insert_header("retry-after", s.to_string())?;
-        }
-        session.set_keepalive(None);
-        session.write_response_header(Box::new(resp), false).await?;
-        session
-            .write_response_body(Some(Bytes::from(body)), true)
-            .await?;
+        send_rejection(session, &rej, ctx.kind()).await?;
         if let Some(r) = ctx.record.as_mut() {
             r.status = rej.status;
         }
@@ -190,6 +179,40 @@ impl MeshProxy {
     }
 }
 
+/// Writes a rejection as the whole response (JSON body, `Retry-After` when known) and closes the
+/// connection after it.
+async fn send_rejection(
+    session: &mut Session,
+    rej: &Rejection,
+    kind: Option<CallKind>,
+) -> Result<()> {
+    let body = rej.body(kind);
+    let mut resp = ResponseHeader::build(rej.status, Some(4))?;
+    resp.insert_header("content-type", "application/json")?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    if let Some(s) = rej.retry_after_secs {
+        resp.insert_header("retry-after", s.to_string())?;
+    }
+    session.set_keepalive(None);
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await
+}
+
+/// The 503 for an upstream whose every endpoint has an open circuit.
+fn circuit_open(up: &UpstreamState) -> Rejection {
+    let name = &up.config.name;
+    let mut rej = Rejection::new(
+        503,
+        "circuit_open",
+        format!("upstream `{name}` is failing; its circuit is open"),
+    )
+    .upstream(name);
+    rej.retry_after_secs = Some(up.retry_after().as_secs().max(1));
+    rej
+}
+
 /// Maps a proxy error to the status and cause the caller sees.
 fn failure_of(e: &Error, upstream: &str) -> Rejection {
     use ErrorType::*;
@@ -274,16 +297,7 @@ impl ProxyHttp for MeshProxy {
         }
         if let Some(up) = &ctx.upstream {
             if !up.available() {
-                let mut rej = Rejection::new(
-                    503,
-                    "circuit_open",
-                    format!(
-                        "upstream `{}` is failing; its circuit is open",
-                        up.config.name
-                    ),
-                )
-                .upstream(&up.config.name);
-                rej.retry_after_secs = Some(up.retry_after().as_secs().max(1));
+                let rej = circuit_open(up);
                 return self.respond(session, ctx, rej).await;
             }
         }
@@ -306,17 +320,7 @@ impl ProxyHttp for MeshProxy {
             ctx.held = Some(BytesMut::new());
         }
         let Some(i) = up.pick() else {
-            let mut rej = Rejection::new(
-                503,
-                "circuit_open",
-                format!(
-                    "upstream `{}` is failing; its circuit is open",
-                    up.config.name
-                ),
-            )
-            .upstream(&up.config.name);
-            rej.retry_after_secs = Some(up.retry_after().as_secs().max(1));
-            ctx.rejection = Some(rej);
+            ctx.rejection = Some(circuit_open(&up));
             return Err(Error::explain(ErrorType::HTTPStatus(503), "circuit open"));
         };
         ctx.endpoint = Some(i);
@@ -548,29 +552,8 @@ impl ProxyHttp for MeshProxy {
         let code = if downstream_gone || ctx.first_byte.is_some() {
             0 // the caller left, or the response already started: nothing more can be said
         } else {
-            let body = rej.body(ctx.kind());
-            let mut resp = match ResponseHeader::build(rej.status, Some(4)) {
-                Ok(r) => r,
-                Err(_) => {
-                    return FailToProxy {
-                        error_code: 500,
-                        can_reuse_downstream: false,
-                    }
-                }
-            };
-            let _ = resp.insert_header("content-type", "application/json");
-            let _ = resp.insert_header("content-length", body.len().to_string());
-            if let Some(s) = rej.retry_after_secs {
-                let _ = resp.insert_header("retry-after", s.to_string());
-            }
-            if session
-                .write_response_header(Box::new(resp), false)
-                .await
-                .is_ok()
-            {
-                let _ = session
-                    .write_response_body(Some(Bytes::from(body)), true)
-                    .await;
+            if let Err(e) = send_rejection(session, &rej, ctx.kind()).await {
+                tracing::debug!(error = %e, "could not send the error answer");
             }
             rej.status
         };

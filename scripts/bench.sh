@@ -7,9 +7,19 @@
 #   pingora      → the smallest pingora proxy (tests/src/bin/pingora-floor.rs): the framework's floor
 # for a 200 B and a 4 KB response, and reports p50/p99 and the latency added over direct.
 # Usage: scripts/bench.sh [RATE] [DURATION]   (defaults 1000 req/s, 10s per target)
+# BENCH_CPUS=isolated (default): the load generator and the upstream run on CPU 0, each proxy
+#   under test on CPU 1 with one worker, so that a proxy is measured, not the contention
+#   between it and the load generator. BENCH_CPUS=shared: no pinning, proxies with 2 workers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RATE=${1:-1000}; DURATION=${2:-10s}
+CPUS=${BENCH_CPUS:-isolated}
+case "$CPUS" in
+  isolated) [ "$(nproc)" -ge 2 ] || { echo "bench: isolated mode needs 2 CPUs"; exit 1; }
+            LOAD="taskset -c 0"; PROXY="taskset -c 1"; WORKERS=1 ;;
+  shared)   LOAD=""; PROXY=""; WORKERS=2 ;;
+  *) echo "bench: BENCH_CPUS is isolated or shared"; exit 1 ;;
+esac
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || scripts/setup.sh
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 cargo build --release -q -p agentmesh-proxy -p agentmesh-tests --bins
@@ -51,8 +61,8 @@ http {
 NGINX_CONF
 }
 # Static files answer POST with 405; the internal redirect serves them as GET.
-nginx_conf upstream 2 "server { listen 127.0.0.1:$UP; default_type application/json; location / { root $W/www; error_page 405 =200 \$uri; } }"
-nginx_conf proxy 2 "upstream up { server 127.0.0.1:$UP; keepalive 64; }
+nginx_conf upstream "$WORKERS" "server { listen 127.0.0.1:$UP; default_type application/json; location / { root $W/www; error_page 405 =200 \$uri; } }"
+nginx_conf proxy "$WORKERS" "upstream up { server 127.0.0.1:$UP; keepalive 64; }
   server { listen 127.0.0.1:$NG; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
 cat > "$W/sidecar.yaml" <<SIDECAR_CONF
 agent: {name: bench}
@@ -61,11 +71,11 @@ upstreams:
   - {name: llm/bench, api: openai, endpoints: ["http://127.0.0.1:$UP"]}
   - {name: http/bench, endpoints: ["http://127.0.0.1:$UP"]}
 SIDECAR_CONF
-"$NGINX" -c "$W/upstream.conf" & pids+=($!)
-"$NGINX" -c "$W/proxy.conf" & pids+=($!)
-target/release/agentmesh-proxy --config "$W/sidecar.yaml" --access-log off --threads "${SIDECAR_THREADS:-2}" 2>"$W/sidecar.log" & pids+=($!)
+$LOAD "$NGINX" -c "$W/upstream.conf" & pids+=($!)
+$PROXY "$NGINX" -c "$W/proxy.conf" & pids+=($!)
+$PROXY target/release/agentmesh-proxy --config "$W/sidecar.yaml" --access-log off --threads "$WORKERS" 2>"$W/sidecar.log" & pids+=($!)
 SIDECAR=$!
-target/release/pingora-floor "127.0.0.1:$PF" "127.0.0.1:$UP" 2>"$W/floor.log" & pids+=($!)
+$PROXY target/release/pingora-floor "127.0.0.1:$PF" "127.0.0.1:$UP" "$WORKERS" 2>"$W/floor.log" & pids+=($!)
 up=0
 for _ in $(seq 1 100); do
   if curl -fs "http://127.0.0.1:$ADM/readyz" >/dev/null 2>&1 && curl -fs -X POST "http://127.0.0.1:$NG/small" >/dev/null 2>&1 \
@@ -74,11 +84,11 @@ for _ in $(seq 1 100); do
 done
 [ "$up" = 1 ] || { echo "bench: nginx or the sidecar did not start"; cat "$W"/*.log; exit 1; }
 
-echo "# $(date -u +%FT%TZ), $(nproc) cores, $RATE req/s, $DURATION per target (after 2s warm-up)"
+echo "# $(date -u +%FT%TZ), $(nproc) cores, CPUs $CPUS, proxies with $WORKERS worker(s), $RATE req/s, $DURATION per target (after 2s warm-up)"
 for size in small large; do
   bytes=$(wc -c < "$W/www/$size")
   echo; echo "## response $bytes bytes, request $(wc -c < "$W/req.json") bytes"
-  target/release/meshbench --rate "$RATE" --duration "$DURATION" --body-file "$W/req.json" \
+  $LOAD target/release/meshbench --rate "$RATE" --duration "$DURATION" --body-file "$W/req.json" \
     "direct=http://127.0.0.1:$UP/$size" \
     "nginx=http://127.0.0.1:$NG/$size" \
     "sidecar-llm=http://127.0.0.1:$OUT/llm/bench/$size" \

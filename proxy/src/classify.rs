@@ -119,16 +119,57 @@ fn classify_llm(
     if method != "POST" || body.is_empty() {
         return Ok(call);
     }
-    let v = parse_json(body)?;
-    let obj = v.as_object().ok_or_else(|| {
-        ClassifyError::InvalidRequest("an LLM request body must be a JSON object".into())
+    // A derived struct would also accept a JSON array (as a tuple): only objects are requests.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        serde_json::from_slice::<serde::de::IgnoredAny>(body)
+            .map_err(|e| ClassifyError::MalformedJson(e.to_string()))?;
+        return Err(ClassifyError::InvalidRequest(
+            "an LLM request body must be a JSON object".into(),
+        ));
+    }
+    // Only a few top-level fields matter; serde skips the rest (the messages, which make up
+    // nearly all of a long conversation) without building a tree of them.
+    let head: LlmRequestHead = serde_json::from_slice(body).map_err(|e| {
+        if e.classify() == serde_json::error::Category::Data {
+            ClassifyError::InvalidRequest(format!("an LLM request body must be a JSON object: {e}"))
+        } else {
+            ClassifyError::MalformedJson(e.to_string())
+        }
     })?;
-    call.model = obj.get("model").and_then(Value::as_str).map(str::to_string);
-    call.stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    call.max_tokens = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
-        .iter()
-        .find_map(|k| obj.get(*k).and_then(Value::as_u64));
+    call.model = head
+        .model
+        .as_ref()
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    call.stream = head
+        .stream
+        .as_ref()
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    call.max_tokens = [
+        head.max_tokens,
+        head.max_completion_tokens,
+        head.max_output_tokens,
+    ]
+    .iter()
+    .find_map(|v| v.as_ref().and_then(Value::as_u64));
     Ok(call)
+}
+
+/// The top-level fields of an LLM request the sidecar reads. Kept as JSON values so that an
+/// odd type (a numeric `model`) reads as absent rather than failing the call.
+#[derive(serde::Deserialize)]
+struct LlmRequestHead {
+    #[serde(default)]
+    model: Option<Value>,
+    #[serde(default)]
+    stream: Option<Value>,
+    #[serde(default)]
+    max_tokens: Option<Value>,
+    #[serde(default)]
+    max_completion_tokens: Option<Value>,
+    #[serde(default)]
+    max_output_tokens: Option<Value>,
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -456,6 +497,44 @@ mod tests {
                 Some(1024)
             )
         );
+    }
+
+    #[test]
+    fn llm_long_conversation_and_odd_types() {
+        let msgs: Vec<_> = (0..2000)
+            .map(|i| json!({"role": "user", "content": format!("message {i}")}))
+            .collect();
+        let body = json!({"messages": msgs, "model": "gpt-4o", "stream": false, "max_tokens": 7})
+            .to_string();
+        let l = run(CallKind::Llm, "POST", "/v1/chat/completions", &[], &body)
+            .unwrap()
+            .llm
+            .unwrap();
+        assert_eq!(
+            (l.model.as_deref(), l.max_tokens),
+            (Some("gpt-4o"), Some(7))
+        );
+        let l = run(
+            CallKind::Llm,
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            r#"{"model": 5, "stream": "yes"}"#,
+        )
+        .unwrap()
+        .llm
+        .unwrap();
+        assert_eq!((l.model, l.stream), (None, false));
+        // Syntax errors inside skipped fields are still caught.
+        let e = run(
+            CallKind::Llm,
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            r#"{"model":"m","messages":[{"x":}]}"#,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ClassifyError::MalformedJson(_)), "{e}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! `scripts/bench.sh` to show how much of the sidecar's added latency is pingora's own and how
 //! much is agentmesh's work (classification, usage reading, routing).
 //!
-//! `pingora-floor LISTEN_ADDR UPSTREAM_ADDR`
+//! `pingora-floor LISTEN_ADDR UPSTREAM_ADDR [THREADS]`
 
 use async_trait::async_trait;
 use pingora::prelude::*;
@@ -25,11 +25,11 @@ impl ProxyHttp for Floor {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(listen), Some(upstream)) = (args.get(1), args.get(2)) else {
-        eprintln!("usage: pingora-floor LISTEN_ADDR UPSTREAM_ADDR");
+        eprintln!("usage: pingora-floor LISTEN_ADDR UPSTREAM_ADDR [THREADS]");
         std::process::exit(2);
     };
     let conf = pingora::server::configuration::ServerConf {
-        threads: 2,
+        threads: args.get(3).and_then(|t| t.parse().ok()).unwrap_or(2),
         ..Default::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

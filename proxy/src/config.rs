@@ -381,10 +381,6 @@ impl Config {
         Ok(())
     }
 
-    pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
-        self.upstreams.iter().find(|u| u.name == name)
-    }
-
     /// A copy safe to show on `/config_dump`: no credentials are held here yet, but the dump
     /// goes through this one function so that issue 6's secrets are masked in one place.
     pub fn redacted(&self) -> serde_json::Value {
@@ -393,12 +389,6 @@ impl Config {
 }
 
 impl UpstreamConfig {
-    pub fn kind(&self) -> CallKind {
-        split_name(&self.name)
-            .map(|(k, _)| k)
-            .unwrap_or(CallKind::Http)
-    }
-
     /// The LLM API family, explicit or inferred from the provider name.
     pub fn llm_api(&self) -> Option<LlmApi> {
         self.api

@@ -35,6 +35,16 @@ impl Reloader {
     }
 }
 
+/// Whether an event on `path` may have changed `file`: the file itself, or Kubernetes' `..data`
+/// symlink swap, by which a mounted ConfigMap changes every file at once.
+fn concerns(path: &std::path::Path, file: &std::path::Path) -> bool {
+    path.file_name() == file.file_name()
+        || path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("..data"))
+}
+
 /// Whether a file event can change the file's content. Reads are not: reacting to them would
 /// make every reload (which reads the file) trigger the next one.
 fn is_change(kind: &notify::EventKind) -> bool {
@@ -55,9 +65,7 @@ impl BackgroundService for Reloader {
         let mut watcher =
             match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
                 if let Ok(ev) = ev {
-                    if is_change(&ev.kind)
-                        && ev.paths.iter().any(|p| p.file_name() == file.file_name())
-                    {
+                    if is_change(&ev.kind) && ev.paths.iter().any(|p| concerns(p, &file)) {
                         let _ = watch_tx.try_send(());
                     }
                 }
@@ -110,6 +118,27 @@ mod tests {
     use super::*;
     use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
     use notify::EventKind;
+
+    #[test]
+    fn the_file_and_configmap_swaps_concern_the_reloader() {
+        let file = std::path::Path::new("/etc/agentmesh/sidecar.yaml");
+        assert!(concerns(
+            std::path::Path::new("/etc/agentmesh/sidecar.yaml"),
+            file
+        ));
+        assert!(concerns(
+            std::path::Path::new("/etc/agentmesh/..data"),
+            file
+        ));
+        assert!(concerns(
+            std::path::Path::new("/etc/agentmesh/..data_tmp"),
+            file
+        ));
+        assert!(!concerns(
+            std::path::Path::new("/etc/agentmesh/other.yaml"),
+            file
+        ));
+    }
 
     #[test]
     fn reads_of_the_file_do_not_trigger_a_reload() {

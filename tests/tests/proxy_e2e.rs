@@ -484,3 +484,52 @@ async fn sigterm_lets_an_open_stream_finish_before_exit() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn a_configmap_style_symlink_swap_is_reloaded() {
+    use std::os::unix::fs::symlink;
+    // Kubernetes mounts a ConfigMap as `file -> ..data/file`, `..data -> ..<timestamp>`, and
+    // updates it by pointing a new `..data_tmp` at a new directory and renaming it over `..data`.
+    let dir = Scratch::new("configmap");
+    let llm = Fixture::mock_llm(&dir, &[]).await;
+    let (outbound, admin, inbound) = (free_port(), free_port(), free_port());
+    let version = |n: u32, body: &str| {
+        let v = dir.path(&format!("..v{n}"));
+        std::fs::create_dir_all(&v).unwrap();
+        std::fs::write(
+            v.join("sidecar.yaml"),
+            Sidecar::config_text(outbound, admin, inbound, body),
+        )
+        .unwrap();
+    };
+    version(1, "");
+    symlink("..v1", dir.path("..data")).unwrap();
+    symlink("..data/sidecar.yaml", dir.path("sidecar.yaml")).unwrap();
+    let cfg = dir.path("sidecar.yaml");
+    let _proc = agentmesh_tests::spawn(
+        "agentmesh-proxy",
+        &["--config", cfg.to_str().unwrap(), "--access-log", "off"],
+        &dir.path("sidecar.log"),
+    );
+    agentmesh_tests::wait_ok(&format!("http://127.0.0.1:{admin}/readyz")).await;
+    let url = format!("http://127.0.0.1:{outbound}/llm/openai/v1/chat/completions");
+    assert_eq!(post(&url, &chat()).await.0, 403);
+
+    version(
+        2,
+        &format!(
+            "upstreams:\n  - name: llm/openai\n    endpoints: [\"{}\"]\n",
+            llm.url("")
+        ),
+    );
+    symlink("..v2", dir.path("..data_tmp")).unwrap();
+    std::fs::rename(dir.path("..data_tmp"), dir.path("..data")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while post(&url, &chat()).await.0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the swapped ConfigMap was never loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,9 +1,11 @@
 //! The admin listener (design §2, port 15000): `/healthz` (the process serves), `/readyz` (a
 //! config is loaded and the listeners are up), `/config_dump` (the effective config with its
-//! version and reload status), `/stats` (access-log counters; `/metrics` comes with issue 4).
+//! version and reload status), `/stats` (access-log counters; `/metrics` comes with issue 4),
+//! `/logging` (show or change the log filter at runtime).
 //! Loopback only by default.
 
 use crate::accesslog::AccessLog;
+use crate::logging::LogControl;
 use crate::state::Store;
 use async_trait::async_trait;
 use http::Response;
@@ -16,6 +18,60 @@ use std::time::UNIX_EPOCH;
 pub struct Admin {
     pub store: Arc<Store>,
     pub access_log: Arc<AccessLog>,
+    pub log: Option<Arc<LogControl>>,
+}
+
+/// `GET /logging` shows the log filter; `POST /logging?filter=DIRECTIVES` replaces it.
+fn logging(log: Option<&LogControl>, method: &str, query: Option<&str>) -> Response<Vec<u8>> {
+    let Some(log) = log else {
+        return json_response(
+            503,
+            json!({"error": {"type": "unavailable", "message": "log control is not installed"}}),
+        );
+    };
+    if method == "POST" || method == "PUT" {
+        let wanted = query
+            .unwrap_or("")
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("filter="))
+            .map(percent_decode);
+        let Some(wanted) = wanted.filter(|w| !w.is_empty()) else {
+            return json_response(
+                400,
+                json!({"error": {"type": "bad_request", "message": "give the new filter as ?filter=DIRECTIVES, e.g. ?filter=debug"}}),
+            );
+        };
+        if let Err(m) = log.set(&wanted) {
+            return json_response(400, json!({"error": {"type": "bad_request", "message": m}}));
+        }
+    }
+    json_response(200, json!({"filter": log.current()}))
+}
+
+/// Decodes `%XX` escapes and `+` in a query value (filters contain `,` `=` and `::`).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn json_response(status: u16, v: serde_json::Value) -> Response<Vec<u8>> {
@@ -58,11 +114,32 @@ impl ServeHttp for Admin {
                     }),
                 )
             }
+            "/logging" => {
+                let req = session.req_header();
+                logging(self.log.as_deref(), req.method.as_str(), req.uri.query())
+            }
             "/stats" => json_response(200, json!({"access_log": self.access_log.counters()})),
             _ => json_response(
                 404,
-                json!({"error": {"type": "not_found", "message": format!("no admin endpoint {path}; try /healthz, /readyz, /config_dump, /stats")}}),
+                json!({"error": {"type": "not_found", "message": format!("no admin endpoint {path}; try /healthz, /readyz, /config_dump, /stats, /logging")}}),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn query_values_decode() {
+        assert_eq!(
+            percent_decode("info%2Cagentmesh_proxy%3A%3Aproxy%3Ddebug"),
+            "info,agentmesh_proxy::proxy=debug"
+        );
+        assert_eq!(percent_decode("a+b"), "a b");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("%é"), "%é");
     }
 }

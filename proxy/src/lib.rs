@@ -7,6 +7,7 @@ pub mod accesslog;
 pub mod admin;
 pub mod classify;
 pub mod config;
+pub mod logging;
 pub mod proxy;
 pub mod record;
 pub mod reject;

@@ -2,9 +2,11 @@
 
 use agentmesh_proxy::accesslog::Format;
 use agentmesh_proxy::config::Config;
+use agentmesh_proxy::logging::{LogControl, LogFormat};
 use agentmesh_proxy::server::{build, RunOptions};
 use clap::Parser;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(Parser, Debug)]
 #[command(name = "agentmesh-proxy", version, about = "agentmesh sidecar proxy")]
@@ -26,20 +28,18 @@ struct Args {
         env = "AGENTMESH_ACCESS_LOG_FORMAT"
     )]
     access_log_format: Format,
+    /// Format of the sidecar's own log lines on stderr (filter: `AGENTMESH_LOG`).
+    #[arg(long, value_enum, default_value = "text", env = "AGENTMESH_LOG_FORMAT")]
+    log_format: LogFormat,
     /// Only validate the config file and exit (0 if valid).
     #[arg(long)]
     check: bool,
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AGENTMESH_LOG")
-                .unwrap_or_else(|_| "info,pingora=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    let filter = std::env::var("AGENTMESH_LOG").ok();
+    let log = Arc::new(LogControl::init(args.log_format, filter.as_deref()));
     let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -74,6 +74,7 @@ fn main() {
         threads: args.threads,
         access_log: args.access_log,
         access_log_format: args.access_log_format,
+        log: Some(log),
     };
     match build(config, &opts) {
         Ok(server) => server.run_forever(),

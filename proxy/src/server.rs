@@ -23,6 +23,8 @@ pub struct RunOptions {
     pub threads: usize,
     pub access_log: String,
     pub access_log_format: crate::accesslog::Format,
+    /// The log filter's handle, for the admin port's `/logging`.
+    pub log: Option<Arc<crate::logging::LogControl>>,
 }
 
 /// Checks that every listener address can be bound, so that a taken port stops the start with
@@ -94,6 +96,7 @@ pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Server> {
         pingora::apps::http_app::HttpServer::new_app(Admin {
             store: store.clone(),
             access_log: access_log.clone(),
+            log: opts.log.clone(),
         }),
     );
     admin.add_tcp(&listeners.admin.to_string());

@@ -533,3 +533,37 @@ async fn a_configmap_style_symlink_swap_is_reloaded() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn the_log_filter_changes_at_runtime_from_the_admin_port() {
+    let (_dir, _llm, sc) = openai_sidecar("logging", "", "").await;
+    let url = format!("http://127.0.0.1:{}/logging", sc.admin);
+    let c = reqwest::Client::new();
+    let v: Value = c.get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["filter"], "info,pingora=warn");
+    let r = c
+        .post(format!("{url}?filter=info%2Cagentmesh_proxy%3Ddebug"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = c.get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["filter"], "info,agentmesh_proxy=debug");
+    // The new filter is in force: the sidecar's own log says so.
+    let log = std::fs::read_to_string(_dir.path("sidecar.log")).unwrap();
+    assert!(log.contains("log filter changed"), "{log}");
+    let r = c
+        .post(format!("{url}?filter=%3D%3D%3D"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid filter"),
+        "{v}"
+    );
+}

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs what agentmesh needs on a fresh Debian machine with only the Rust toolchain:
-# cmake and a C/C++ toolchain (pingora's build), nginx (benchmark baseline), Python venv with the
-# official SDKs (tests). Idempotent: skips what is already there.
+# cmake and a C/C++ toolchain (pingora's build), nginx and curl (benchmark baseline and probes),
+# Python venv with the official SDKs (tests). Idempotent: skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v cmake >/dev/null || need+=(cmake)
 command -v c++ >/dev/null || need+=(g++)
+command -v curl >/dev/null || need+=(curl)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then

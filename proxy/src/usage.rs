@@ -84,9 +84,7 @@ impl UsageReader {
     /// Ends the body: reads a buffered JSON document.
     pub fn finish(&mut self) {
         if let Mode::Json(buf) = std::mem::replace(&mut self.mode, Mode::Off) {
-            if let Ok(v) = serde_json::from_slice::<Value>(&buf) {
-                self.apply(&v);
-            }
+            self.read_doc(&buf);
         } else if let Mode::Sse(pending) = std::mem::replace(&mut self.mode, Mode::Off) {
             self.sse_line(&pending);
         }
@@ -101,7 +99,19 @@ impl UsageReader {
         if !(has(b"\"usage\"") || (self.response_model.is_none() && has(b"\"model\""))) {
             return;
         }
-        if let Ok(v) = serde_json::from_slice::<Value>(data.trim_ascii()) {
+        self.read_doc(data.trim_ascii());
+    }
+
+    /// Reads one JSON document: typed first, which skips the generated text without building a
+    /// tree of it; a document of another shape (an error event whose `message` is a string)
+    /// falls back to a generic read.
+    fn read_doc(&mut self, bytes: &[u8]) {
+        if let Ok(d) = serde_json::from_slice::<UsageDoc>(bytes) {
+            let holder = d.response.or(d.message).unwrap_or_default();
+            let model = holder.model.or(d.model);
+            let usage = holder.usage.or(d.usage);
+            self.take(model.as_ref(), usage.as_ref());
+        } else if let Ok(v) = serde_json::from_slice::<Value>(bytes) {
             self.apply(&v);
         }
     }
@@ -112,18 +122,17 @@ impl UsageReader {
             .iter()
             .find_map(|k| v.get(*k).filter(|x| x.is_object()))
             .unwrap_or(v);
+        let model = holder.get("model").or_else(|| v.get("model"));
+        let usage = holder.get("usage").or_else(|| v.get("usage"));
+        self.take(model, usage);
+    }
+
+    /// Records the model (first seen wins) and whichever usage figures are present.
+    fn take(&mut self, model: Option<&Value>, usage: Option<&Value>) {
         if self.response_model.is_none() {
-            self.response_model = holder
-                .get("model")
-                .or_else(|| v.get("model"))
-                .and_then(Value::as_str)
-                .map(str::to_string);
+            self.response_model = model.and_then(Value::as_str).map(str::to_string);
         }
-        let Some(u) = holder
-            .get("usage")
-            .or_else(|| v.get("usage"))
-            .filter(|u| u.is_object())
-        else {
+        let Some(u) = usage.filter(|u| u.is_object()) else {
             return;
         };
         let num = |ptrs: &[&str]| {
@@ -146,6 +155,29 @@ impl UsageReader {
             self.usage.cached_input_tokens = n;
         }
     }
+}
+
+/// Where usage and model sit in the documents and events of the supported APIs: top level
+/// (OpenAI chat, Anthropic messages), under `response` (OpenAI Responses events) or `message`
+/// (Anthropic `message_start`). Other fields are skipped unread.
+#[derive(serde::Deserialize, Default)]
+struct UsageDoc {
+    #[serde(default)]
+    model: Option<Value>,
+    #[serde(default)]
+    usage: Option<Value>,
+    #[serde(default)]
+    response: Option<UsageHolder>,
+    #[serde(default)]
+    message: Option<UsageHolder>,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct UsageHolder {
+    #[serde(default)]
+    model: Option<Value>,
+    #[serde(default)]
+    usage: Option<Value>,
 }
 
 #[cfg(test)]
@@ -229,6 +261,15 @@ mod tests {
         let r = read_in_chunks("application/json", body, 4);
         assert_eq!((r.usage.input_tokens, r.usage.output_tokens), (8, 3));
         assert!(r.seen);
+    }
+
+    #[test]
+    fn an_error_event_with_a_string_message_is_read_generically() {
+        let body = "event: error\ndata: {\"type\":\"error\",\"message\":\"overloaded\",\"model\":\"gpt-5\"}\n\n\
+                    data: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":3,\"output_tokens\":4}}}\n\n";
+        let r = read_in_chunks("text/event-stream", body, 11);
+        assert_eq!(r.response_model.as_deref(), Some("gpt-5"));
+        assert_eq!((r.usage.input_tokens, r.usage.output_tokens), (3, 4));
     }
 
     #[test]

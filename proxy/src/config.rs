@@ -450,6 +450,8 @@ pub struct Endpoint {
     pub port: u16,
     /// Path prefix to put before the forwarded path (no trailing slash), may be empty.
     pub base_path: String,
+    /// The `Host` header value: host (bracketed if IPv6), with the port when not the default.
+    pub authority: String,
 }
 
 impl Endpoint {
@@ -477,14 +479,27 @@ impl Endpoint {
         if host.is_empty() {
             return Err(format!("`{url}` has no host"));
         }
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let bracketed = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.clone()
+        };
+        let default_port = if tls { 443 } else { 80 };
+        let authority = if port == default_port {
+            bracketed
+        } else {
+            format!("{bracketed}:{port}")
+        };
         Ok(Endpoint {
             tls,
-            host: host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string(),
+            host,
             port,
             base_path: path.trim_end_matches('/').to_string(),
+            authority,
         })
     }
 }
@@ -589,7 +604,20 @@ mod tests {
             (false, "127.0.0.1", 9000, "/base")
         );
         let e = Endpoint::parse("http://[::1]:80").unwrap();
-        assert_eq!((e.host.as_str(), e.port), ("::1", 80));
+        assert_eq!(
+            (e.host.as_str(), e.port, e.authority.as_str()),
+            ("::1", 80, "[::1]")
+        );
+        let e = Endpoint::parse("https://[::1]:8443/x").unwrap();
+        assert_eq!(e.authority, "[::1]:8443");
+        assert_eq!(
+            Endpoint::parse("https://api.openai.com").unwrap().authority,
+            "api.openai.com"
+        );
+        assert_eq!(
+            Endpoint::parse("http://127.0.0.1:9100").unwrap().authority,
+            "127.0.0.1:9100"
+        );
         assert!(Endpoint::parse("http://:80").is_err());
         assert!(Endpoint::parse("http://a:x").is_err());
     }

@@ -371,13 +371,7 @@ impl ProxyHttp for MeshProxy {
                 .parse::<http::Uri>()
                 .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "rewriting path", e))?;
             req.set_uri(uri);
-            let default_port = if ep.tls { 443 } else { 80 };
-            let host = if ep.port == default_port {
-                ep.host.clone()
-            } else {
-                format!("{}:{}", ep.host, ep.port)
-            };
-            req.insert_header("host", host)?;
+            req.insert_header("host", ep.authority.as_str())?;
         }
         Ok(())
     }

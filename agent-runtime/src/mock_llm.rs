@@ -521,7 +521,7 @@ async fn models(State(m): State<Arc<MockState>>, h: HeaderMap) -> Response {
     }
     Json(json!({"object": "list", "data": [
         {"id": "gpt-4o-mini", "object": "model", "created": 1_700_000_000u64, "owned_by": "mock"},
-        {"id": "claude-sonnet-4-5", "object": "model", "created": 1_700_000_000u64, "owned_by": "mock"}]}))
+        {"id": "claude-haiku-4-5", "object": "model", "created": 1_700_000_000u64, "owned_by": "mock"}]}))
     .into_response()
 }
 

@@ -70,10 +70,10 @@ def test_openai_responses_api_json_and_stream(mesh):
 
 def test_anthropic_messages_json_stream_and_tool_use(mesh):
     c = an(mesh)
-    m = c.messages.create(model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi claude"}])
+    m = c.messages.create(model="claude-haiku-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi claude"}])
     assert m.content[0].text == "Mock reply to: hi claude"
     with c.messages.stream(
-        model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "count to three"}]
+        model="claude-haiku-4-5", max_tokens=64, messages=[{"role": "user", "content": "count to three"}]
     ) as s:
         final = s.get_final_message()
     assert final.usage.output_tokens == 6
@@ -94,7 +94,7 @@ def test_anthropic_messages_json_stream_and_tool_use(mesh):
 
 def test_anthropic_bearer_auth_is_passed(mesh):
     c = anthropic.Anthropic(base_url=f"{mesh.base}/llm/anthropic", auth_token="tok", max_retries=0)
-    m = c.messages.create(model="claude-sonnet-4-5", max_tokens=8, messages=[{"role": "user", "content": "x"}])
+    m = c.messages.create(model="claude-haiku-4-5", max_tokens=8, messages=[{"role": "user", "content": "x"}])
     assert m.content[0].text == "Mock reply to: x"
 
 

@@ -40,6 +40,16 @@ impl ClassifyError {
         }
     }
 
+    /// Stable machine-readable cause, as the `type` of the error answer.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            ClassifyError::MalformedJson(_) => "malformed_json",
+            ClassifyError::InvalidRequest(_) => "invalid_request",
+            ClassifyError::HeaderMismatch(_) => "header_mismatch",
+            ClassifyError::TooLarge { .. } => "body_too_large",
+        }
+    }
+
     pub fn jsonrpc_code(&self) -> i64 {
         match self {
             ClassifyError::MalformedJson(_) => JSONRPC_PARSE_ERROR,

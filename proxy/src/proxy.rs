@@ -158,25 +158,21 @@ impl MeshProxy {
             llm_api: up.config.llm_api(),
         };
         rec.request_bytes = body.len() as u64;
-        classify(rec, dest, &session.req_header().headers, body).map_err(|e| {
-            let cause = match e {
-                ClassifyError::MalformedJson(_) => "malformed_json",
-                ClassifyError::InvalidRequest(_) => "invalid_request",
-                ClassifyError::HeaderMismatch(_) => "header_mismatch",
-                ClassifyError::TooLarge { .. } => "body_too_large",
-            };
-            Rejection::new(e.http_status(), cause, e.to_string())
-                .upstream(&rec.target)
-                .jsonrpc(e.jsonrpc_code())
-        })
+        classify(rec, dest, &session.req_header().headers, body)
+            .map_err(|e| classify_rejection(&e, &rec.target))
     }
 
     fn too_large(&self, ctx: &CallCtx) -> Rejection {
-        let e = ClassifyError::TooLarge { limit: ctx.limit };
-        Rejection::new(413, "body_too_large", e.to_string())
-            .upstream(ctx.record.as_ref().map(|r| r.target.as_str()).unwrap_or(""))
-            .jsonrpc(e.jsonrpc_code())
+        let target = ctx.record.as_ref().map(|r| r.target.as_str()).unwrap_or("");
+        classify_rejection(&ClassifyError::TooLarge { limit: ctx.limit }, target)
     }
+}
+
+/// The answer to a request that could not be classified.
+fn classify_rejection(e: &ClassifyError, target: &str) -> Rejection {
+    Rejection::new(e.http_status(), e.cause(), e.to_string())
+        .upstream(target)
+        .jsonrpc(e.jsonrpc_code())
 }
 
 /// Writes a rejection as the whole response (JSON body, `Retry-After` when known) and closes the

@@ -6,13 +6,15 @@
 #   sidecar-http → agentmesh-proxy on an http/ route (passthrough) → upstream
 #   pingora      → the smallest pingora proxy (tests/src/bin/pingora-floor.rs): the framework's floor
 # for a 200 B and a 4 KB response, and reports p50/p99 and the latency added over direct.
-# Usage: scripts/bench.sh [RATE] [DURATION]   (defaults 1000 req/s, 10s per target)
+# Usage: scripts/bench.sh [RATE] [DURATION] [ROUNDS]   (defaults 1000 req/s, 30s per target, 30 rounds)
+# Targets are measured in turn, round after round, and each is compared with nginx round by round
+# (median per-round difference and a sign test), since one run's p99 moves by ~0.1 ms.
 # BENCH_CPUS=isolated (default): the load generator and the upstream run on CPU 0, each proxy
 #   under test on CPU 1 with one worker, so that a proxy is measured, not the contention
 #   between it and the load generator. BENCH_CPUS=shared: no pinning, proxies with 2 workers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RATE=${1:-1000}; DURATION=${2:-10s}
+RATE=${1:-1000}; DURATION=${2:-30s}; ROUNDS=${3:-30}
 CPUS=${BENCH_CPUS:-isolated}
 case "$CPUS" in
   isolated) [ "$(nproc)" -ge 2 ] || { echo "bench: isolated mode needs 2 CPUs"; exit 1; }
@@ -84,11 +86,11 @@ for _ in $(seq 1 100); do
 done
 [ "$up" = 1 ] || { echo "bench: nginx or the sidecar did not start"; cat "$W"/*.log; exit 1; }
 
-echo "# $(date -u +%FT%TZ), $(nproc) cores, CPUs $CPUS, proxies with $WORKERS worker(s), $RATE req/s, $DURATION per target (after 2s warm-up)"
+echo "# $(date -u +%FT%TZ), $(nproc) cores, CPUs $CPUS, proxies with $WORKERS worker(s), $RATE req/s, $DURATION per target in $ROUNDS rounds (after 2s warm-up)"
 for size in small large; do
   bytes=$(wc -c < "$W/www/$size")
   echo; echo "## response $bytes bytes, request $(wc -c < "$W/req.json") bytes"
-  $LOAD target/release/meshbench --rate "$RATE" --duration "$DURATION" --body-file "$W/req.json" \
+  $LOAD target/release/meshbench --rate "$RATE" --duration "$DURATION" --rounds "$ROUNDS" --compare nginx --body-file "$W/req.json" \
     "direct=http://127.0.0.1:$UP/$size" \
     "nginx=http://127.0.0.1:$NG/$size" \
     "sidecar-llm=http://127.0.0.1:$OUT/llm/bench/$size" \

@@ -25,6 +25,7 @@ trap cleanup EXIT
 
 sed -e "s/127.0.0.1:15001/127.0.0.1:$OUT/; s/127.0.0.1:15000/127.0.0.1:$ADMIN/" \
     -e "s/127.0.0.1:9100/127.0.0.1:$LLM/; s/127.0.0.1:9200/127.0.0.1:$MCP/" \
+    -e "s|path: policy |path: $PWD/examples/local/policy |" \
     examples/local/sidecar.yaml > "$WORK/sidecar.yaml"
 
 wait_up() { # url name

@@ -203,6 +203,10 @@ fn text_line(l: &Line<'_>) -> String {
     if let (Some(e), Some(m)) = (l.error, l.error_message) {
         s.push_str(&format!("  {e}: {m}"));
     }
+    if let Some(d) = c.decision.as_ref().filter(|d| !d.allow && !d.enforced) {
+        let reason = d.reason.as_deref().unwrap_or("denied by policy");
+        s.push_str(&format!("  audit-deny: {reason}"));
+    }
     s.push('\n');
     s
 }

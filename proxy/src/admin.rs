@@ -1,10 +1,12 @@
 //! The admin listener (design §2, port 15000): `/healthz` (the process serves), `/readyz` (a
 //! config is loaded and the listeners are up), `/config_dump` (the effective config with its
-//! version and reload status), `/stats` (access-log counters; `/metrics` comes with issue 4),
+//! version, policy revision and reload status), `/stats` (access-log and policy-decision counters;
+//! `/metrics` comes with issue 4),
 //! `/logging` (show or change the log filter at runtime).
 //! Loopback only by default.
 
 use crate::accesslog::AccessLog;
+use crate::decide::PolicyCounters;
 use crate::logging::LogControl;
 use crate::state::Store;
 use async_trait::async_trait;
@@ -18,6 +20,7 @@ use std::time::UNIX_EPOCH;
 pub struct Admin {
     pub store: Arc<Store>,
     pub access_log: Arc<AccessLog>,
+    pub policy_counters: Arc<PolicyCounters>,
     pub log: Option<Arc<LogControl>>,
 }
 
@@ -110,6 +113,12 @@ impl ServeHttp for Admin {
                         "version": snap.version,
                         "loaded_at_unix": loaded,
                         "status": self.store.status(),
+                        "policy": snap.policy.as_ref().map(|p| json!({
+                            "revision": p.revision(),
+                            "decision": p.decision_path(),
+                            "modules": p.modules(),
+                            "mode": snap.config.policy.mode,
+                        })),
                         "config": snap.config.redacted(),
                     }),
                 )
@@ -118,7 +127,13 @@ impl ServeHttp for Admin {
                 let req = session.req_header();
                 logging(self.log.as_deref(), req.method.as_str(), req.uri.query())
             }
-            "/stats" => json_response(200, json!({"access_log": self.access_log.counters()})),
+            "/stats" => json_response(
+                200,
+                json!({
+                    "access_log": self.access_log.counters(),
+                    "policy": self.policy_counters.snapshot(),
+                }),
+            ),
             _ => json_response(
                 404,
                 json!({"error": {"type": "not_found", "message": format!("no admin endpoint {path}; try /healthz, /readyz, /config_dump, /stats, /logging")}}),

@@ -44,6 +44,38 @@ pub struct Config {
     /// Upstreams the agent may call, by logical name (`llm/openai`, `mcp/search`, ...).
     #[serde(default)]
     pub upstreams: Vec<UpstreamConfig>,
+    /// The Rego policy every call is decided by. Without one, every call is denied.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+}
+
+/// Where the policy comes from and how its decisions apply (docs/policy.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// A directory of `.rego` and `data.json` files; relative to the config file's directory.
+    pub path: Option<PathBuf>,
+    /// The rule whose value is the decision.
+    pub decision: String,
+    /// `enforce` (default) or `audit`: decisions are logged and counted, denies not enforced.
+    pub mode: PolicyMode,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            path: None,
+            decision: agentmesh_policy::DEFAULT_DECISION_PATH.into(),
+            mode: PolicyMode::Enforce,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyMode {
+    Enforce,
+    Audit,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -89,6 +121,8 @@ pub struct InboundConfig {
     pub allow_plaintext: bool,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Let inbound calls through when the policy fails to evaluate (default: deny them).
+    pub fail_open: bool,
 }
 
 impl Default for InboundConfig {
@@ -98,6 +132,7 @@ impl Default for InboundConfig {
             kind: CallKind::A2a,
             allow_plaintext: false,
             timeout: Duration::from_secs(300),
+            fail_open: false,
         }
     }
 }
@@ -183,6 +218,10 @@ pub struct UpstreamConfig {
     /// Offer HTTP/2 by ALPN on TLS endpoints (default true).
     #[serde(default = "default_true")]
     pub http2: bool,
+    /// Let calls through when the policy fails to evaluate (default: deny them). A policy's
+    /// deny is always enforced; this covers only errors.
+    #[serde(default)]
+    pub fail_open: bool,
 }
 
 fn default_true() -> bool {
@@ -260,7 +299,14 @@ impl Config {
             file: file.clone(),
             source,
         })?;
-        Config::from_yaml(&text, &file)
+        let mut config = Config::from_yaml(&text, &file)?;
+        // A relative policy path is relative to the config file, wherever the sidecar starts.
+        if let (Some(p), Some(dir)) = (config.policy.path.as_mut(), path.parent()) {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+        Ok(config)
     }
 
     /// Parses and validates YAML text; `file` is used in error messages.
@@ -288,6 +334,13 @@ impl Config {
                     "`{}` is not a valid agent name (lowercase letters, digits and '-')",
                     self.agent.name
                 ),
+            ));
+        }
+        let d = &self.policy.decision;
+        if !d.starts_with("data.") || d.split('.').any(str::is_empty) {
+            return Err(invalid(
+                "policy.decision".into(),
+                format!("`{d}` is not a rule path like `data.agentmesh.authz.decision`"),
             ));
         }
         if self.limits.max_inspect_body_bytes == 0 {

@@ -1,5 +1,6 @@
 //! agentmesh sidecar proxy. Modules follow the request path of design §3:
-//! `classify` (what a call is), `route` (where it goes), `usage` (what it cost), with `proxy`
+//! `classify` (what a call is), `decide` (whether policy lets it), `route` (where it goes),
+//! `usage` (what it cost), with `proxy`
 //! wiring them onto pingora's phases, `state` holding the one config snapshot, `config` its typed
 //! model, `reload` feeding it from the file, and `admin`/`accesslog` showing what happens.
 
@@ -7,6 +8,7 @@ pub mod accesslog;
 pub mod admin;
 pub mod classify;
 pub mod config;
+pub mod decide;
 pub mod logging;
 pub mod proxy;
 pub mod record;

@@ -1,9 +1,9 @@
 //! `agentmesh-proxy`: the sidecar binary. Loads and validates the bootstrap file, then serves.
 
 use agentmesh_proxy::accesslog::Format;
-use agentmesh_proxy::config::Config;
 use agentmesh_proxy::logging::{LogControl, LogFormat};
 use agentmesh_proxy::server::{build, RunOptions};
+use agentmesh_proxy::state::Desired;
 use clap::Parser;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,17 +40,29 @@ fn main() {
     let args = Args::parse();
     let filter = std::env::var("AGENTMESH_LOG").ok();
     let log = Arc::new(LogControl::init(args.log_format, filter.as_deref()));
-    let config = match Config::load(&args.config) {
-        Ok(c) => c,
+    let desired = match Desired::load(&args.config) {
+        Ok(d) => d,
         Err(e) => {
             eprintln!("agentmesh-proxy: invalid config: {e}");
             std::process::exit(2);
         }
     };
     if args.check {
-        println!("{}: ok", args.config.display());
+        match &desired.policy {
+            Some(p) => println!(
+                "{}: ok (policy {} compiled, {} modules)",
+                args.config.display(),
+                p.revision(),
+                p.modules().len()
+            ),
+            None => println!(
+                "{}: ok (no policy: every call will be denied)",
+                args.config.display()
+            ),
+        }
         return;
     }
+    let config = &desired.config;
     tracing::info!(
         agent = %config.agent.name,
         outbound = %config.listeners.outbound,
@@ -76,7 +88,7 @@ fn main() {
         access_log_format: args.access_log_format,
         log: Some(log),
     };
-    match build(config, &opts) {
+    match build(desired, &opts) {
         Ok(server) => server.run_forever(),
         Err(e) => {
             eprintln!("agentmesh-proxy: {e:#}");

@@ -1,12 +1,19 @@
 //! The request path (design §3) on pingora's `ProxyHttp` phases. Each call goes through, in order:
 //! identify (direction and local agent; SVIDs arrive with issue 6), classify (`classify`), decide
-//! (policy, issue 3; for now: only granted upstream names pass), route (`route`), and observe
-//! (`usage` + the access log). Phase functions stay small; the logic lives in the pure modules.
+//! (`decide`: granted names, then Rego policy), route (`route`), and observe (`usage` + the access
+//! log). Phase functions stay small; the logic lives in the pure modules.
+//!
+//! Where a call is decided: bodiless calls and bodies whose `Content-Length` fits pingora's
+//! replay buffer (64 KiB) are read, classified and decided in `request_filter`, before any
+//! upstream connection; pingora then forwards the body from that buffer. Larger or chunked
+//! bodies are decided in `request_body_filter` once whole: the upstream connection and request
+//! head exist by then, but no body byte is sent before the decision (see ARCHITECTURE.md).
 
 use crate::accesslog::AccessLog;
 use crate::classify::{classify, ClassifyError, Destination};
 use crate::config::CallKind;
-use crate::record::{CallRecord, Direction};
+use crate::decide::{self, CallFacts, PolicyCounters, Verdict};
+use crate::record::{CallRecord, Direction, PolicyResult};
 use crate::reject::Rejection;
 use crate::route::{resolve, upstream_path, UpstreamState};
 use crate::state::{Snapshot, Store};
@@ -25,7 +32,12 @@ pub struct MeshProxy {
     pub store: Arc<Store>,
     pub direction: Direction,
     pub access_log: Arc<AccessLog>,
+    pub policy_counters: Arc<PolicyCounters>,
 }
+
+/// Largest body read before connecting upstream: pingora replays a body it has read only from its
+/// retry buffer, which holds 64 KiB.
+const PREREAD_LIMIT: usize = 64 * 1024;
 
 /// Per-call context carried through the phases.
 pub struct CallCtx {
@@ -36,6 +48,10 @@ pub struct CallCtx {
     forward_path: String,
     /// Body held back for inspection (`Some` while reading an inspected body).
     held: Option<BytesMut>,
+    /// The body was read in `request_filter` (pingora forwards it from its retry buffer).
+    preread: bool,
+    /// Headers an allow decision adds to the upstream request.
+    decision_headers: Vec<(String, String)>,
     limit: usize,
     usage: Option<UsageReader>,
     tries: usize,
@@ -162,6 +178,72 @@ impl MeshProxy {
             .map_err(|e| classify_rejection(&e, &rec.target))
     }
 
+    /// Reads a whole (small) body before connecting upstream, keeping it in pingora's retry
+    /// buffer, from which pingora forwards it.
+    async fn preread(&self, session: &mut Session) -> Result<Bytes> {
+        session.as_mut().enable_retry_buffering();
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = session.read_request_body().await? {
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf.freeze())
+    }
+
+    /// decide: the Rego policy on the classified call. Deny by default (no policy, evaluation
+    /// errors), audit mode only logs denies.
+    fn run_decide(
+        &self,
+        session: &Session,
+        snap: &Snapshot,
+        ctx: &mut CallCtx,
+    ) -> Result<(), Rejection> {
+        let (Some(up), Some(rec)) = (ctx.upstream.as_ref(), ctx.record.as_mut()) else {
+            return Ok(());
+        };
+        let req = session.req_header();
+        let (agent, destination) = match self.direction {
+            Direction::Outbound => (snap.config.agent.name.as_str(), up.config.short_name()),
+            // The calling peer is known once mTLS identifies sidecars (issue 6).
+            Direction::Inbound => ("", snap.config.agent.name.as_str()),
+        };
+        let facts = CallFacts {
+            agent,
+            spiffe_id: None,
+            destination,
+            path: req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+            headers: &req.headers,
+            time: decide::now_rfc3339(),
+        };
+        let inputs = decide::inputs(rec, &facts);
+        let out = decide::decide(
+            snap.policy.as_deref(),
+            &inputs,
+            snap.config.policy.mode,
+            up.config.fail_open,
+            &rec.target,
+        );
+        self.policy_counters.count(&out);
+        rec.decision = Some(PolicyResult {
+            allow: out.decision.allow,
+            enforced: !out.audited,
+            reason: out.decision.reason.clone(),
+        });
+        if out.audited {
+            tracing::warn!(
+                target = %rec.target,
+                reason = out.decision.reason.as_deref().unwrap_or("denied by policy"),
+                "policy denies this call; audit mode lets it through"
+            );
+        }
+        match out.verdict {
+            Verdict::Allow { headers } => {
+                ctx.decision_headers = headers;
+                Ok(())
+            }
+            Verdict::Deny(rej) => Err(rej),
+        }
+    }
+
     fn too_large(&self, ctx: &CallCtx) -> Rejection {
         let target = ctx.record.as_ref().map(|r| r.target.as_str()).unwrap_or("");
         classify_rejection(&ClassifyError::TooLarge { limit: ctx.limit }, target)
@@ -256,6 +338,8 @@ impl ProxyHttp for MeshProxy {
             endpoint: None,
             forward_path: String::new(),
             held: None,
+            preread: false,
+            decision_headers: Vec::new(),
             limit: 0,
             usage: None,
             tries: 0,
@@ -286,9 +370,24 @@ impl ProxyHttp for MeshProxy {
                 let rej = self.too_large(ctx);
                 return self.respond(session, ctx, rej).await;
             }
-            // Classified when the whole body has arrived (request_body_filter).
-            ctx.held = Some(BytesMut::new());
-        } else if let Err(rej) = self.run_classify(session, ctx, b"") {
+            if declared.is_some_and(|n| n <= PREREAD_LIMIT) {
+                // Small enough to replay: classify and decide before any upstream connection.
+                let body = self.preread(session).await?;
+                ctx.preread = true;
+                if let Err(rej) = self
+                    .run_classify(session, ctx, &body)
+                    .and_then(|()| self.run_decide(session, &snap, ctx))
+                {
+                    return self.respond(session, ctx, rej).await;
+                }
+            } else {
+                // Classified and decided when the whole body has arrived (request_body_filter).
+                ctx.held = Some(BytesMut::new());
+            }
+        } else if let Err(rej) = self
+            .run_classify(session, ctx, b"")
+            .and_then(|()| self.run_decide(session, &snap, ctx))
+        {
             return self.respond(session, ctx, rej).await;
         }
         if let Some(up) = &ctx.upstream {
@@ -369,6 +468,9 @@ impl ProxyHttp for MeshProxy {
             req.set_uri(uri);
             req.insert_header("host", ep.authority.as_str())?;
         }
+        for (name, value) in &ctx.decision_headers {
+            req.insert_header(name.clone(), value.as_str())?;
+        }
         Ok(())
     }
 
@@ -380,7 +482,7 @@ impl ProxyHttp for MeshProxy {
         ctx: &mut CallCtx,
     ) -> Result<()> {
         let Some(held) = ctx.held.as_mut() else {
-            if let (Some(r), Some(b)) = (ctx.record.as_mut(), body.as_ref()) {
+            if let (Some(r), Some(b), false) = (ctx.record.as_mut(), body.as_ref(), ctx.preread) {
                 r.request_bytes += b.len() as u64;
             }
             return Ok(());
@@ -401,13 +503,24 @@ impl ProxyHttp for MeshProxy {
             return Ok(());
         }
         let whole = ctx.held.take().map(BytesMut::freeze).unwrap_or_default();
-        if let Err(rej) = self.run_classify(session, ctx, &whole) {
+        let snap = self.store.snapshot();
+        if let Err(rej) = self
+            .run_classify(session, ctx, &whole)
+            .and_then(|()| self.run_decide(session, &snap, ctx))
+        {
             let status = rej.status;
             ctx.rejection = Some(rej);
             return Err(Error::explain(
                 ErrorType::HTTPStatus(status),
-                "request rejected by classification",
+                "request refused by classification or policy",
             ));
+        }
+        if !ctx.decision_headers.is_empty() {
+            tracing::warn!(
+                "the policy's headers were not added: this body (chunked or over 64 KiB) was \
+                 decided after the request head had gone upstream"
+            );
+            ctx.decision_headers.clear();
         }
         // Re-arm for a possible retry, which replays the body from pingora's retry buffer.
         ctx.held = Some(BytesMut::new());

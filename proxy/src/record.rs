@@ -28,9 +28,23 @@ pub struct CallRecord {
     pub mcp: Option<McpCall>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub a2a: Option<A2aCall>,
+    /// What policy decided; absent for calls refused before policy (unknown or ungranted names,
+    /// malformed bodies).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision: Option<PolicyResult>,
     pub status: u16,
     pub request_bytes: u64,
     pub response_bytes: u64,
+}
+
+/// The policy's answer for one call, as logs and telemetry show it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PolicyResult {
+    pub allow: bool,
+    /// False when audit mode let a deny through.
+    pub enforced: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl CallRecord {
@@ -50,6 +64,7 @@ impl CallRecord {
             llm: None,
             mcp: None,
             a2a: None,
+            decision: None,
             status: 0,
             request_bytes: 0,
             response_bytes: 0,

@@ -1,9 +1,9 @@
-//! Hot reload of the bootstrap file: on SIGHUP and when the file changes on disk. A new file is
-//! parsed and validated in full before it replaces anything; an invalid one is logged with its
-//! error, counted, and the running config stays in force.
+//! Hot reload of the bootstrap file and of the policy directory it names: on SIGHUP and when
+//! either changes on disk. A new config is parsed and validated, and its policy compiled, before
+//! anything is replaced; an invalid one is logged with its error, counted, and the running config
+//! and policy stay in force.
 
-use crate::config::Config;
-use crate::state::Store;
+use crate::state::{Desired, Store};
 use async_trait::async_trait;
 use notify::{RecursiveMode, Watcher};
 use pingora::server::ShutdownWatch;
@@ -21,10 +21,10 @@ impl Reloader {
     /// Loads the file and applies it if valid and different. Returns whether it was applied.
     pub fn reload(&self) -> bool {
         self.store.checked();
-        match Config::load(&self.path) {
-            Ok(c) if c == self.store.snapshot().config => false,
-            Ok(c) => {
-                self.store.apply(c);
+        match Desired::load(&self.path) {
+            Ok(d) if d.same_as(&self.store.snapshot()) => false,
+            Ok(d) => {
+                self.store.apply(d);
                 true
             }
             Err(e) => {
@@ -62,10 +62,17 @@ impl BackgroundService for Reloader {
         // Watch the directory: editors and Kubernetes ConfigMaps replace files rather than write.
         let file = self.path.clone();
         let watch_tx = tx.clone();
+        let store = self.store.clone();
         let mut watcher =
             match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
                 if let Ok(ev) = ev {
-                    if is_change(&ev.kind) && ev.paths.iter().any(|p| concerns(p, &file)) {
+                    let snap = store.snapshot();
+                    let policy_dir = snap.config.policy.path.as_deref();
+                    if is_change(&ev.kind)
+                        && ev.paths.iter().any(|p| {
+                            concerns(p, &file) || policy_dir.is_some_and(|d| p.starts_with(d))
+                        })
+                    {
                         let _ = watch_tx.try_send(());
                     }
                 }
@@ -87,6 +94,25 @@ impl BackgroundService for Reloader {
                 tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the config directory");
             }
         }
+        let mut policy_watched: Option<PathBuf> = None;
+        let mut watch_policy = |w: &mut Option<notify::RecommendedWatcher>| {
+            let want = self.store.snapshot().config.policy.path.clone();
+            if want == policy_watched {
+                return;
+            }
+            if let Some(w) = w.as_mut() {
+                if let Some(old) = policy_watched.take() {
+                    let _ = w.unwatch(&old);
+                }
+                if let Some(dir) = &want {
+                    if let Err(e) = w.watch(dir, RecursiveMode::Recursive) {
+                        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the policy directory; reload with SIGHUP");
+                    }
+                }
+            }
+            policy_watched = want;
+        };
+        watch_policy(&mut watcher);
         let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -102,10 +128,12 @@ impl BackgroundService for Reloader {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     while rx.try_recv().is_ok() {}
                     self.reload();
+                    watch_policy(&mut watcher);
                 }
                 Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                    tracing::info!("SIGHUP: reloading config");
+                    tracing::info!("SIGHUP: reloading config and policy");
                     self.reload();
+                    watch_policy(&mut watcher);
                 }
             }
         }

@@ -4,10 +4,11 @@
 use crate::accesslog::AccessLog;
 use crate::admin::Admin;
 use crate::config::Config;
+use crate::decide::PolicyCounters;
 use crate::proxy::MeshProxy;
 use crate::record::Direction;
 use crate::reload::Reloader;
-use crate::state::Store;
+use crate::state::{Desired, Store};
 use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
@@ -48,8 +49,9 @@ fn check_listeners(config: &Config) -> anyhow::Result<()> {
 }
 
 /// Builds the server; `run_forever` on the result starts serving.
-pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Server> {
-    check_listeners(&config)?;
+pub fn build(desired: Desired, opts: &RunOptions) -> anyhow::Result<Server> {
+    let config = &desired.config;
+    check_listeners(config)?;
     let conf = ServerConf {
         threads: opts.threads,
         // Per-upstream attempt limits are enforced in the proxy; this is only the ceiling.
@@ -64,7 +66,11 @@ pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Server> {
 
     let listeners = config.listeners.clone();
     let inbound_on = config.inbound.forward_to.is_some();
-    let store = Store::new(config, &opts.config_path.display().to_string());
+    if desired.policy.is_none() {
+        tracing::warn!("no `policy.path` in the config: every call will be denied");
+    }
+    let store = Store::new(desired, &opts.config_path.display().to_string());
+    let policy_counters = Arc::new(PolicyCounters::default());
     let access_log = Arc::new(AccessLog::open(&opts.access_log, opts.access_log_format)?);
 
     // The agent may speak h2c (prior knowledge) or HTTP/1.1 on the same port.
@@ -74,6 +80,7 @@ pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Server> {
         store: store.clone(),
         direction,
         access_log: access_log.clone(),
+        policy_counters: policy_counters.clone(),
     };
     let mut outbound = ProxyServiceBuilder::new(&conf, proxy(Direction::Outbound))
         .name("outbound")
@@ -96,6 +103,7 @@ pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Server> {
         pingora::apps::http_app::HttpServer::new_app(Admin {
             store: store.clone(),
             access_log: access_log.clone(),
+            policy_counters,
             log: opts.log.clone(),
         }),
     );

@@ -1,19 +1,73 @@
 //! The one typed state store: the config snapshot every request reads, and its single writer.
-//! Requests take a cheap `Arc` snapshot (ArcSwap); `apply` swaps in a validated config whole, so
-//! a request never sees half an update. The YAML file watcher feeds it today, the control-plane
-//! client will feed the same `apply` (design §5).
+//! Requests take a cheap `Arc` snapshot (ArcSwap); `apply` swaps in a validated config and its
+//! compiled policy whole, so a request never sees half an update. The YAML file watcher feeds it
+//! today, the control-plane client will feed the same `apply` (design §5).
 
-use crate::config::{Config, UpstreamConfig};
+use crate::config::{Config, ConfigError, UpstreamConfig};
 use crate::route::UpstreamState;
+use agentmesh_policy::{Policy, PolicyError};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
+
+/// A config and the policy it names, both loaded and validated: what `Store::apply` installs.
+#[derive(Debug)]
+pub struct Desired {
+    pub config: Config,
+    pub policy: Option<Arc<Policy>>,
+}
+
+/// Why a config or its policy could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("policy {path}: {source}")]
+    Policy {
+        path: String,
+        #[source]
+        source: PolicyError,
+    },
+}
+
+impl Desired {
+    /// Reads the bootstrap file, then compiles the policy it names.
+    pub fn load(path: &Path) -> Result<Desired, LoadError> {
+        Desired::from_config(Config::load(path)?)
+    }
+
+    pub fn from_config(config: Config) -> Result<Desired, LoadError> {
+        let policy = match &config.policy.path {
+            None => None,
+            Some(p) => {
+                let err = |source| LoadError::Policy {
+                    path: p.display().to_string(),
+                    source,
+                };
+                let sources = agentmesh_policy::load(p).map_err(err)?;
+                let policy = Policy::compile(&sources, &config.policy.decision).map_err(err)?;
+                Some(Arc::new(policy))
+            }
+        };
+        Ok(Desired { config, policy })
+    }
+
+    /// Whether installing this would change nothing.
+    pub fn same_as(&self, snap: &Snapshot) -> bool {
+        self.config == snap.config
+            && self.policy.as_ref().map(|p| p.revision())
+                == snap.policy.as_ref().map(|p| p.revision())
+    }
+}
 
 /// An immutable view of the running config, with its runtime upstream state.
 #[derive(Debug)]
 pub struct Snapshot {
     pub config: Config,
+    /// The compiled policy; `None` denies every call.
+    pub policy: Option<Arc<Policy>>,
     pub version: u64,
     pub upstreams: HashMap<String, Arc<UpstreamState>>,
     /// The local agent's server, as an upstream for the inbound listener.
@@ -39,8 +93,8 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn new(config: Config, source: &str) -> Arc<Self> {
-        let snap = build(config, 1, None);
+    pub fn new(desired: Desired, source: &str) -> Arc<Self> {
+        let snap = build(desired, 1, None);
         Arc::new(Store {
             current: ArcSwap::from_pointee(snap),
             status: Mutex::new(ReloadStatus {
@@ -56,15 +110,16 @@ impl Store {
 
     /// Installs a new, already validated config. Upstreams whose config did not change keep
     /// their runtime state (circuit breakers, round-robin position).
-    pub fn apply(&self, config: Config) {
+    pub fn apply(&self, desired: Desired) {
         let old = self.snapshot();
-        if old.config.listeners != config.listeners {
+        if old.config.listeners != desired.config.listeners {
             tracing::warn!("listener addresses changed; they take effect on restart");
         }
-        let snap = build(config, old.version + 1, Some(&old));
+        let snap = build(desired, old.version + 1, Some(&old));
         tracing::info!(
             version = snap.version,
             upstreams = snap.upstreams.len(),
+            policy = snap.policy.as_ref().map(|p| p.revision()).unwrap_or("none"),
             "config applied"
         );
         self.current.store(Arc::new(snap));
@@ -94,7 +149,8 @@ impl Store {
     }
 }
 
-fn build(config: Config, version: u64, old: Option<&Snapshot>) -> Snapshot {
+fn build(desired: Desired, version: u64, old: Option<&Snapshot>) -> Snapshot {
+    let Desired { config, policy } = desired;
     let keep = |c: &UpstreamConfig, prev: Option<&Arc<UpstreamState>>| match prev {
         Some(p) if p.config == *c => p.clone(),
         _ => UpstreamState::new(c.clone()),
@@ -125,11 +181,13 @@ fn build(config: Config, version: u64, old: Option<&Snapshot>) -> Snapshot {
             },
             tls: Default::default(),
             http2: false,
+            fail_open: config.inbound.fail_open,
         };
         keep(&c, old.and_then(|o| o.inbound.as_ref()))
     });
     Snapshot {
         config,
+        policy,
         version,
         upstreams,
         inbound,

@@ -11,7 +11,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-BIN = Path(os.environ.get("AGENTMESH_BIN_DIR", Path(__file__).resolve().parents[2] / "target" / "debug"))
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(os.environ.get("AGENTMESH_BIN_DIR", ROOT / "target" / "debug"))
+# The demo's policy: agent `planner` may use the models and tools its data.json lists.
+POLICY = ROOT / "examples" / "local" / "policy"
 
 
 def free_port() -> int:
@@ -49,7 +52,7 @@ class Mesh:
         self._spawn("mcp-tools", "--listen", f"127.0.0.1:{self.mcp_port}")
         cfg = self.dir / "sidecar.yaml"
         cfg.write_text(
-            f"""agent: {{name: tester}}
+            f"""agent: {{name: planner}}
 listeners: {{outbound: "127.0.0.1:{self.out_port}", admin: "127.0.0.1:{self.admin_port}"}}
 limits: {{max_inspect_body_bytes: 65536}}
 upstreams:
@@ -59,6 +62,7 @@ upstreams:
     endpoints: ["http://127.0.0.1:{self.llm_port}"]
   - name: mcp/tools
     endpoints: ["http://127.0.0.1:{self.mcp_port}/mcp"]
+policy: {{path: "{POLICY}"}}
 """
         )
         self._spawn("agentmesh-proxy", "--config", str(cfg), "--access-log", str(self.access_log))

@@ -14,6 +14,13 @@ pub fn bin_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"))
 }
 
+/// A file or directory under `tests/fixtures/`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -146,9 +153,19 @@ pub struct Sidecar {
 
 impl Sidecar {
     /// The listener block for fresh ports; `body` adds upstreams and other sections.
+    /// Without a `policy:` section in `body`, the sidecar gets an allow-all policy: the
+    /// data-plane suites are about proxying; the policy suites bring their own.
     pub fn config_text(outbound: u16, admin: u16, inbound: u16, body: &str) -> String {
+        let policy = if body.contains("policy:") {
+            String::new()
+        } else {
+            format!(
+                "policy: {{path: \"{}\"}}\n",
+                fixture("policy-allow-all").display()
+            )
+        };
         format!(
-            "agent: {{name: tester}}\nlisteners: {{outbound: \"127.0.0.1:{outbound}\", admin: \"127.0.0.1:{admin}\", inbound: \"127.0.0.1:{inbound}\"}}\n{body}"
+            "agent: {{name: tester}}\nlisteners: {{outbound: \"127.0.0.1:{outbound}\", admin: \"127.0.0.1:{admin}\", inbound: \"127.0.0.1:{inbound}\"}}\n{policy}{body}"
         )
     }
 

@@ -39,6 +39,10 @@ struct Args {
     /// Print results as JSON lines too.
     #[arg(long)]
     json: bool,
+    /// Compare every target with this one round by round: rounds run back to back, so a paired
+    /// comparison of each round's p99 separates a real difference from the machine's drift.
+    #[arg(long)]
+    compare: Option<String>,
     /// `name=url`; the first is the baseline for "added" latency.
     targets: Vec<String>,
 }
@@ -49,6 +53,8 @@ struct Stats {
     errors: usize,
     lat_us: Vec<u64>,
     elapsed: Duration,
+    /// The p99 of each round on its own, in ms.
+    round_p99: Vec<f64>,
 }
 
 impl Stats {
@@ -128,14 +134,18 @@ async fn run(
         let _ = h.await;
     }
     let elapsed = start.elapsed();
-    let lat_us = std::mem::take(&mut *lat.lock().await);
-    Ok(Stats {
+    let mut lat_us = std::mem::take(&mut *lat.lock().await);
+    lat_us.sort_unstable();
+    let mut stats = Stats {
         name: name.to_string(),
         sent: total,
         errors: errors.load(std::sync::atomic::Ordering::Relaxed),
         lat_us,
         elapsed,
-    })
+        round_p99: Vec::new(),
+    };
+    stats.round_p99.push(stats.pct(0.99));
+    Ok(stats)
 }
 
 #[tokio::main]
@@ -162,26 +172,32 @@ async fn main() -> anyhow::Result<()> {
         targets.push((name, url, client));
     }
     let slice = args.duration / args.rounds.max(1);
-    let mut results: Vec<Stats> = Vec::new();
+    let mut results: Vec<Option<Stats>> = (0..targets.len()).map(|_| None).collect();
+    let n = targets.len();
     for round in 0..args.rounds.max(1) {
-        for (i, (name, url, client)) in targets.iter().enumerate() {
+        // Each round starts one target further on, so that no target always runs right after
+        // the same neighbour (a proxy that just ran leaves its core's caches and clock warm).
+        for i in (0..n).map(|k| (k + round as usize) % n) {
+            let (name, url, client) = &targets[i];
             eprintln!(
                 "round {}: {name} for {slice:?} at {} req/s",
                 round + 1,
                 args.rate
             );
             let s = run(client, name, url, &body, args.rate, slice).await?;
-            match results.get_mut(i) {
+            match &mut results[i] {
                 Some(r) => {
                     r.sent += s.sent;
                     r.errors += s.errors;
                     r.lat_us.extend(s.lat_us);
                     r.elapsed += s.elapsed;
+                    r.round_p99.extend(s.round_p99);
                 }
-                None => results.push(s),
+                none => *none = Some(s),
             }
         }
     }
+    let mut results: Vec<Stats> = results.into_iter().flatten().collect();
     for r in &mut results {
         r.lat_us.sort_unstable();
     }
@@ -211,5 +227,60 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(reference) = &args.compare {
+        let Some(r) = results.iter().find(|s| &s.name == reference) else {
+            bail!("--compare {reference}: no target of that name");
+        };
+        print_paired(&results, r);
+    }
     Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Two-sided sign-test p-value: the chance of a split at least as uneven as `wins` of `n` if
+/// either target were as likely to win a round.
+fn sign_test(wins: usize, n: usize) -> f64 {
+    let k = wins.min(n - wins);
+    let mut c = 1.0_f64; // C(n, 0)
+    let mut tail = 0.0;
+    for i in 0..=k {
+        if i > 0 {
+            c = c * (n - i + 1) as f64 / i as f64;
+        }
+        tail += c;
+    }
+    (2.0 * tail / 2f64.powi(n as i32)).min(1.0)
+}
+
+/// Each target's p99 against the reference's, round by round (rounds run back to back).
+fn print_paired(results: &[Stats], reference: &Stats) {
+    let n = reference.round_p99.len();
+    println!(
+        "\npaired by round against {} ({n} rounds): median of per-round p99, median per-round difference, rounds at or below {}'s p99 (sign-test p)",
+        reference.name, reference.name
+    );
+    for s in results.iter().filter(|s| s.name != reference.name) {
+        let diffs: Vec<f64> = s
+            .round_p99
+            .iter()
+            .zip(&reference.round_p99)
+            .map(|(a, b)| a - b)
+            .collect();
+        let wins = diffs.iter().filter(|d| **d <= 0.0).count();
+        println!(
+            "{:<16} p99 {:>7.3} ms  diff {:>+7.3} ms  {wins:>3}/{n} rounds  p={:.3}",
+            s.name,
+            median(s.round_p99.clone()),
+            median(diffs),
+            sign_test(wins, n)
+        );
+    }
 }

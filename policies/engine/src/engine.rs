@@ -1,0 +1,251 @@
+//! A compiled policy: Rego modules and data prepared once per revision, then evaluated for each
+//! call by any worker thread. Evaluation starts from the compiled form (no parsing, no
+//! compiling) and stops at a wall-clock limit, so a runaway rule cannot stall the sidecar.
+
+use crate::{Decision, Input, PolicyError, Sources};
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+/// Where the decision is read when the config names no other rule.
+pub const DEFAULT_DECISION_PATH: &str = "data.agentmesh.authz.decision";
+
+/// Longest one evaluation may run; past it the evaluation fails (and the call is denied).
+const EVAL_LIMIT: Duration = Duration::from_millis(50);
+
+/// One policy revision, ready to decide. Cheap to share: clone the `Arc` it lives in.
+#[derive(Debug)]
+pub struct Policy {
+    compiled: regorus::CompiledPolicy,
+    decision_path: String,
+    revision: String,
+    modules: Vec<String>,
+}
+
+impl Policy {
+    /// Parses and compiles the sources for the rule at `decision_path`. Errors name the file,
+    /// line and column, as regorus reports them.
+    pub fn compile(sources: &Sources, decision_path: &str) -> Result<Policy, PolicyError> {
+        let mut engine = engine_with(sources)?;
+        let rule: regorus::Rc<str> = decision_path.into();
+        let compiled =
+            engine
+                .compile_with_entrypoint(&rule)
+                .map_err(|e| PolicyError::DecisionPath {
+                    path: decision_path.to_string(),
+                    message: e.to_string(),
+                })?;
+        Ok(Policy {
+            compiled,
+            decision_path: decision_path.to_string(),
+            revision: sources.revision.clone(),
+            modules: sources.modules.iter().map(|(p, _)| p.clone()).collect(),
+        })
+    }
+
+    pub fn revision(&self) -> &str {
+        &self.revision
+    }
+
+    pub fn decision_path(&self) -> &str {
+        &self.decision_path
+    }
+
+    /// The files this revision was compiled from.
+    pub fn modules(&self) -> &[String] {
+        &self.modules
+    }
+
+    /// Evaluates the decision rule on `input`. An undefined decision is a deny.
+    pub fn decide(&self, input: &Input) -> Result<Decision, PolicyError> {
+        let json = serde_json::to_string(input).map_err(|e| PolicyError::Eval(e.to_string()))?;
+        self.decide_json(&json)
+    }
+
+    /// Evaluates the decision rule on an input given as JSON text.
+    pub fn decide_json(&self, input_json: &str) -> Result<Decision, PolicyError> {
+        let input = regorus::Value::from_json_str(input_json)
+            .map_err(|e| PolicyError::Eval(format!("input: {e}")))?;
+        let value = self
+            .compiled
+            .eval_with_input(input)
+            .map_err(|e| PolicyError::Eval(e.to_string()))?;
+        if value == regorus::Value::Undefined {
+            return Ok(Decision::deny(format!(
+                "no rule of `{}` decided this call",
+                self.decision_path
+            )));
+        }
+        let json = value
+            .to_json_str()
+            .map_err(|e| PolicyError::Eval(e.to_string()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&json).map_err(|e| PolicyError::Eval(e.to_string()))?;
+        Decision::from_json(&v)
+    }
+}
+
+/// A regorus engine holding the sources (Rego v1 syntax, as OPA 1.x), with the evaluation time
+/// limit set.
+pub(crate) fn engine_with(sources: &Sources) -> Result<regorus::Engine, PolicyError> {
+    let mut engine = regorus::Engine::new();
+    engine.set_execution_timer_config(regorus::utils::limits::ExecutionTimerConfig {
+        limit: EVAL_LIMIT,
+        check_interval: NonZeroU32::new(1000).expect("non-zero literal"),
+    });
+    let data = regorus::Value::from_json_str(&sources.data.to_string()).map_err(|e| {
+        PolicyError::Data {
+            path: "data".into(),
+            message: e.to_string(),
+        }
+    })?;
+    engine.add_data(data).map_err(|e| PolicyError::Data {
+        path: "data".into(),
+        message: e.to_string(),
+    })?;
+    for (path, text) in &sources.modules {
+        engine
+            .add_policy(path.clone(), text.clone())
+            .map_err(|e| PolicyError::Compile(one_line(&e.to_string())))?;
+    }
+    Ok(engine)
+}
+
+/// regorus reports `--> file:line:col`, a source excerpt, then `error: message`; logs and
+/// `/config_dump` want `file:line:col: message` on one line.
+pub(crate) fn one_line(report: &str) -> String {
+    let at = report
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("--> "));
+    let message = report
+        .lines()
+        .find_map(|l| l.strip_prefix("error: "))
+        .unwrap_or(report.trim());
+    match at {
+        Some(at) => format!("{}: {message}", at.trim()),
+        None => message.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::*;
+
+    fn sources(rego: &str) -> Sources {
+        Sources {
+            modules: vec![("policy.rego".into(), rego.into())],
+            data: serde_json::json!({"models": {"planner": ["gpt-4o-mini"]}}),
+            revision: "test".into(),
+        }
+    }
+
+    fn llm_input(agent: &str, model: &str) -> Input {
+        Input {
+            version: INPUT_VERSION,
+            direction: "outbound".into(),
+            source: Source {
+                agent: agent.into(),
+                spiffe_id: None,
+            },
+            user: None,
+            destination: Destination {
+                kind: "llm".into(),
+                name: "openai".into(),
+            },
+            request: Request {
+                method: "POST".into(),
+                path: "/llm/openai/v1/chat/completions".into(),
+                headers: Default::default(),
+            },
+            llm: Some(Llm {
+                provider: "openai".into(),
+                operation: "chat_completions".into(),
+                model: Some(model.into()),
+                stream: false,
+                max_tokens: None,
+            }),
+            mcp: None,
+            a2a: None,
+            budget: None,
+            time: "2026-12-01T00:00:00Z".into(),
+        }
+    }
+
+    const MODELS: &str = r#"
+package agentmesh.authz
+
+default decision := {"allow": false, "reason": "model not allowed for this agent"}
+
+decision := {"allow": true, "headers": {"x-policy": "models"}} if {
+    input.llm.model in data.models[input.source.agent]
+}
+"#;
+
+    #[test]
+    fn compiled_policy_decides_from_input_and_data() {
+        let p = Policy::compile(&sources(MODELS), DEFAULT_DECISION_PATH).unwrap();
+        let allow = p.decide(&llm_input("planner", "gpt-4o-mini")).unwrap();
+        assert!(allow.allow);
+        assert_eq!(allow.headers, vec![("x-policy".into(), "models".into())]);
+        let deny = p.decide(&llm_input("planner", "gpt-5")).unwrap();
+        assert!(!deny.allow);
+        assert_eq!(
+            deny.reason.as_deref(),
+            Some("model not allowed for this agent")
+        );
+        assert!(!p.decide(&llm_input("writer", "gpt-4o-mini")).unwrap().allow);
+    }
+
+    #[test]
+    fn an_undefined_decision_denies() {
+        let p = Policy::compile(
+            &sources("package agentmesh.authz\ndecision if input.never\n"),
+            DEFAULT_DECISION_PATH,
+        )
+        .unwrap();
+        let d = p.decide(&llm_input("planner", "gpt-4o-mini")).unwrap();
+        assert!(!d.allow);
+        assert!(d.reason.unwrap().contains("no rule"));
+    }
+
+    #[test]
+    fn parse_errors_name_file_line_and_column() {
+        let err = Policy::compile(
+            &sources("package agentmesh.authz\n\ndecision := {\"allow\": true\n"),
+            DEFAULT_DECISION_PATH,
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(err, "policy.rego:4:1: expecting `}` while parsing object");
+    }
+
+    #[test]
+    fn a_missing_decision_rule_is_refused_at_load() {
+        let err = Policy::compile(&sources(MODELS), "data.agentmesh.authz.allow")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("data.agentmesh.authz.allow"), "{err}");
+    }
+
+    #[test]
+    fn runtime_errors_are_evaluation_errors() {
+        // Two complete definitions with different values: a conflict only evaluation finds.
+        let p = Policy::compile(
+            &sources(
+                "package agentmesh.authz\ndecision := true if input.version == 1\ndecision := false if input.version == 1\n",
+            ),
+            DEFAULT_DECISION_PATH,
+        )
+        .unwrap();
+        assert!(matches!(
+            p.decide(&llm_input("planner", "x")),
+            Err(PolicyError::Eval(_))
+        ));
+    }
+
+    #[test]
+    fn a_policy_is_shared_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Policy>();
+    }
+}

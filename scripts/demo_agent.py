@@ -10,7 +10,7 @@ import urllib.request
 import anthropic
 import anyio
 import openai
-from mcp import Client
+from mcp import Client, MCPError
 
 MESH = os.environ.get("AGENTMESH_OUTBOUND", "http://127.0.0.1:15001")
 
@@ -30,6 +30,13 @@ async def mcp_calls() -> None:
     async with Client(f"{MESH}/mcp/search-tools") as c:
         r = await c.call_tool("add", {"a": 19, "b": 23})
         print(f"  agent got: {r.content[0].text}", flush=True)
+    step("A tool the policy does not allow this agent (examples/local/policy): denied with its reason")
+    async with Client(f"{MESH}/mcp/search-tools") as c:
+        try:
+            await c.call_tool("read_file", {"path": "/notes.txt"})
+            print("  unexpected: the call went through", flush=True)
+        except MCPError as e:
+            print(f"  agent got error {e.code}: {e.message}", flush=True)
 
 
 def main() -> int:

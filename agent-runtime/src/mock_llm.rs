@@ -10,7 +10,7 @@
 //! Control headers let a test shape the answer: `x-mock-status` (answer with that error status),
 //! `x-mock-delay-ms` (wait before answering), `x-mock-chunk-delay-ms` (wait between SSE chunks).
 //! Two debug routes serve proxy tests: `GET /debug/version` (the HTTP version the request came
-//! in) and `POST /debug/echo` (the number of body bytes received).
+//! in) and `POST /debug/echo` (the number of body bytes received, and the request headers).
 
 use axum::body::{Body, Bytes};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -106,8 +106,12 @@ pub fn router(script: Script) -> Router {
 }
 
 /// Counts the body bytes received, for the proxy's streaming tests.
-async fn echo_len(body: Bytes) -> Json<Value> {
-    Json(json!({"bytes": body.len()}))
+async fn echo_len(headers: HeaderMap, body: Bytes) -> Json<Value> {
+    let headers: serde_json::Map<String, Value> = headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.to_string(), Value::from(v.to_str().ok()?))))
+        .collect();
+    Json(json!({"bytes": body.len(), "headers": headers}))
 }
 
 fn words(s: &str) -> u64 {

@@ -252,3 +252,180 @@ fn rfc3339(secs: i64, millis: u32) -> String {
         rem % 60
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::{classify, Destination};
+    use crate::config::{CallKind, LlmApi};
+    use agentmesh_policy::load::Sources;
+    use http::HeaderMap;
+
+    fn classified(kind: CallKind, path: &str, headers: &HeaderMap, body: &str) -> CallRecord {
+        let mut r = CallRecord::new(Direction::Outbound, kind, "t", "POST", path);
+        let llm_api = (kind == CallKind::Llm).then_some(LlmApi::Openai);
+        let dest = Destination {
+            kind,
+            name: "x",
+            llm_api,
+        };
+        classify(&mut r, dest, headers, body.as_bytes()).unwrap();
+        r
+    }
+
+    fn facts<'a>(headers: &'a HeaderMap, path: &'a str) -> CallFacts<'a> {
+        CallFacts {
+            agent: "planner",
+            spiffe_id: None,
+            destination: "x",
+            path,
+            headers,
+            time: "2026-12-01T00:00:00.000Z".into(),
+        }
+    }
+
+    fn policy(rego: &str) -> Policy {
+        let sources = Sources {
+            modules: vec![("p.rego".into(), rego.into())],
+            data: serde_json::json!({}),
+            revision: "t".into(),
+        };
+        Policy::compile(&sources, agentmesh_policy::DEFAULT_DECISION_PATH).unwrap()
+    }
+
+    #[test]
+    fn llm_input_carries_the_model_and_never_credentials() {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", "Bearer sk-secret".parse().unwrap());
+        h.insert("x-api-key", "sk-ant-secret".parse().unwrap());
+        h.insert("x-team", "search".parse().unwrap());
+        let rec = classified(
+            CallKind::Llm,
+            "/v1/chat/completions",
+            &h,
+            r#"{"model":"gpt-4o-mini","messages":[],"stream":true}"#,
+        );
+        let inputs = inputs(&rec, &facts(&h, "/llm/x/v1/chat/completions"));
+        assert_eq!(inputs.len(), 1);
+        let i = &inputs[0];
+        let llm = i.llm.as_ref().unwrap();
+        assert_eq!(llm.model.as_deref(), Some("gpt-4o-mini"));
+        assert_eq!(llm.operation, "chat_completions");
+        assert!(llm.stream);
+        assert_eq!(i.destination.kind, "llm");
+        assert_eq!(i.request.path, "/llm/x/v1/chat/completions");
+        assert_eq!(
+            i.request.headers.get("x-team").map(String::as_str),
+            Some("search")
+        );
+        let text = serde_json::to_string(i).unwrap();
+        assert!(!text.contains("secret"), "{text}");
+    }
+
+    #[test]
+    fn an_mcp_batch_gives_one_input_per_message_with_arguments() {
+        let h = HeaderMap::new();
+        let rec = classified(
+            CallKind::Mcp,
+            "/",
+            &h,
+            r#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":{"a":1}}},
+                {"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"read_file","arguments":{"path":"/etc/shadow"}}}]"#,
+        );
+        let inputs = inputs(&rec, &facts(&h, "/mcp/x"));
+        assert_eq!(inputs.len(), 2);
+        let m = inputs[1].mcp.as_ref().unwrap();
+        assert_eq!(m.tool.as_deref(), Some("read_file"));
+        assert_eq!(m.arguments.as_ref().unwrap()["path"], "/etc/shadow");
+        assert_eq!(m.batch_size, 2);
+        // One denied message denies the whole batch.
+        let p = policy(
+            "package agentmesh.authz\nimport rego.v1\ndefault decision := true\ndecision := {\"allow\": false, \"reason\": \"no files\"} if input.mcp.tool == \"read_file\"\n",
+        );
+        let out = decide(Some(&p), &inputs, PolicyMode::Enforce, false, "mcp/x");
+        let Verdict::Deny(rej) = out.verdict else {
+            panic!("batch should be denied")
+        };
+        assert_eq!(rej.status, 403);
+        assert_eq!(rej.message, "no files");
+        assert_eq!(rej.jsonrpc_code, JSONRPC_POLICY_DENIED);
+    }
+
+    #[test]
+    fn a2a_input_names_method_and_skill() {
+        let h = HeaderMap::new();
+        let rec = classified(
+            CallKind::A2a,
+            "/",
+            &h,
+            r#"{"jsonrpc":"2.0","id":1,"method":"message/send","params":{"message":{"role":"user","parts":[],"messageId":"m1"},"metadata":{"skill":"summarize"}}}"#,
+        );
+        let a = inputs(&rec, &facts(&h, "/agents/x"))[0]
+            .a2a
+            .clone()
+            .unwrap();
+        assert_eq!(a.method, "message/send");
+    }
+
+    #[test]
+    fn deny_by_default_and_on_errors_unless_failing_open() {
+        let h = HeaderMap::new();
+        let rec = classified(CallKind::Http, "/", &h, "");
+        let i = inputs(&rec, &facts(&h, "/http/x"));
+        let none = decide(None, &i, PolicyMode::Enforce, false, "http/x");
+        assert!(matches!(none.verdict, Verdict::Deny(ref r) if r.message.contains("no policy")));
+        // Both definitions apply: a conflict found only while evaluating.
+        let broken = policy(
+            "package agentmesh.authz\ndecision := true if input.version == 1\ndecision := false if input.version == 1\n",
+        );
+        let closed = decide(Some(&broken), &i, PolicyMode::Enforce, false, "http/x");
+        assert!(matches!(closed.verdict, Verdict::Deny(_)));
+        assert!(closed.error.is_some());
+        let open = decide(Some(&broken), &i, PolicyMode::Enforce, true, "http/x");
+        assert!(matches!(open.verdict, Verdict::Allow { .. }));
+        assert!(open.error.is_some());
+    }
+
+    #[test]
+    fn audit_mode_lets_a_deny_through_and_says_so() {
+        let h = HeaderMap::new();
+        let rec = classified(CallKind::Http, "/", &h, "");
+        let i = inputs(&rec, &facts(&h, "/http/x"));
+        let p = policy("package agentmesh.authz\ndecision := {\"allow\": false, \"reason\": \"r\", \"status\": 451}\n");
+        let enforced = decide(Some(&p), &i, PolicyMode::Enforce, false, "http/x");
+        assert!(matches!(enforced.verdict, Verdict::Deny(ref r) if r.status == 451));
+        let audited = decide(Some(&p), &i, PolicyMode::Audit, false, "http/x");
+        assert!(audited.audited);
+        assert!(matches!(audited.verdict, Verdict::Allow { .. }));
+        assert!(!audited.decision.allow);
+        let c = PolicyCounters::default();
+        c.count(&enforced);
+        c.count(&audited);
+        assert_eq!(c.snapshot()["denied"], 1);
+        assert_eq!(c.snapshot()["audit_denied"], 1);
+    }
+
+    #[test]
+    fn allow_headers_are_collected() {
+        let h = HeaderMap::new();
+        let rec = classified(CallKind::Http, "/", &h, "");
+        let i = inputs(&rec, &facts(&h, "/http/x"));
+        let p = policy(
+            "package agentmesh.authz\ndecision := {\"allow\": true, \"headers\": {\"x-tier\": \"gold\"}}\n",
+        );
+        let out = decide(Some(&p), &i, PolicyMode::Enforce, false, "http/x");
+        assert_eq!(
+            out.verdict,
+            Verdict::Allow {
+                headers: vec![("x-tier".into(), "gold".into())]
+            }
+        );
+    }
+
+    #[test]
+    fn time_is_rfc3339_utc() {
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_795_000_000, 7), "2026-11-18T11:06:40.007Z");
+        assert_eq!(rfc3339(951_782_400, 0), "2000-02-29T00:00:00.000Z");
+    }
+}

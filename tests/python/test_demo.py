@@ -30,3 +30,6 @@ def test_demo_prints_one_line_per_call():
     assert any("tools/call:web_search" in l for l in lines), lines
     assert any("server/discover" in l for l in lines), lines
     assert any("mcp/shell" in l and " 403 " in l and "not_granted" in l for l in lines), lines
+    # the demo policy's denial, with its reason, in the sidecar's line and in what the agent got
+    assert any("tools/call:read_file" in l and " 403 " in l and "policy_denied" in l for l in lines), lines
+    assert 'agent got error -32003: tool "read_file" is not allowed for agent "planner"' in out.stdout

@@ -108,3 +108,20 @@ def test_upstream_error_is_named(mesh):
         assert e.status_code == 503
     [call] = mesh.wait_calls(1)
     assert call["status"] == 503
+
+
+def test_policy_denies_a_model_with_its_reason(mesh):
+    # The demo policy (examples/local/policy) lists the models agent `planner` may use.
+    for client, call in (
+        (oa(mesh), lambda c: c.chat.completions.create(model="gpt-4.1", messages=[{"role": "user", "content": "x"}])),
+        (an(mesh), lambda c: c.messages.create(model="claude-opus-4-1", max_tokens=8, messages=[{"role": "user", "content": "x"}])),
+    ):
+        try:
+            call(client)
+            raise AssertionError("expected a policy deny")
+        except (openai.PermissionDeniedError, anthropic.PermissionDeniedError) as e:
+            assert e.status_code == 403
+            assert "is not allowed for agent \"planner\"" in str(e), str(e)
+    calls = mesh.wait_calls(2)
+    assert [c["decision"]["allow"] for c in calls] == [False, False]
+    assert all(c["status"] == 403 for c in calls)

@@ -6,7 +6,7 @@ import urllib.error
 import urllib.request
 
 import anyio
-from mcp import Client
+from mcp import Client, MCPError
 
 
 def run(coro):
@@ -81,3 +81,23 @@ def test_malformed_and_oversized_bodies(mesh):
             assert (await c.call_tool("echo", {"text": "still here"})).content[0].text == "still here"
 
     run(ok)
+
+
+def test_policy_denies_an_undeclared_tool_in_both_revisions(mesh):
+    # The demo policy lets agent `planner` use echo, add and web_search: not read_file.
+    async def go(mode):
+        kwargs = {"mode": mode} if mode else {}
+        async with Client(f"{mesh.base}/mcp/tools", **kwargs) as c:
+            assert (await c.call_tool("echo", {"text": "allowed"})).content[0].text == "allowed"
+            try:
+                await c.call_tool("read_file", {"path": "/notes.txt"})
+                raise AssertionError("expected a policy deny")
+            except MCPError as e:  # the sidecar's JSON-RPC error, as the SDK surfaces it
+                assert e.code == -32003
+                assert e.message == 'tool "read_file" is not allowed for agent "planner"'
+                assert e.data["type"] == "policy_denied" and e.data["upstream"] == "mcp/tools"
+
+    run(lambda: go("legacy"))
+    run(lambda: go(None))
+    denied = [c for c in mesh.wait_calls(1) if c.get("decision", {}).get("allow") is False]
+    assert len(denied) == 2, denied

@@ -617,6 +617,8 @@ mod tests {
         let c = Config::load(&dir.join("sidecar.yaml")).unwrap();
         assert_eq!(c.agent.name, "planner");
         assert_eq!(c.upstreams.len(), 3);
+        let d = crate::state::Desired::from_config(c).unwrap();
+        assert!(d.policy.is_some(), "the example's policy compiles");
         let doc = std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md"),
         )

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 pub const INPUT_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Input {
     pub version: u32,
     /// `outbound` (the local agent calls out) or `inbound` (a peer calls the local agent).
@@ -31,6 +32,7 @@ pub struct Input {
 
 /// Who is calling: the local agent (outbound) or the peer (inbound).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Source {
     pub agent: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -39,6 +41,7 @@ pub struct Source {
 
 /// The end user, from a validated JWT.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct User {
     pub sub: String,
     #[serde(default)]
@@ -46,6 +49,7 @@ pub struct User {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Destination {
     /// `llm`, `mcp`, `a2a` (for `agents/*`) or `http`.
     pub kind: String,
@@ -54,6 +58,7 @@ pub struct Destination {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Request {
     pub method: String,
     /// The path the agent asked for, mesh prefix included, with the query.
@@ -65,6 +70,7 @@ pub struct Request {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Llm {
     pub provider: String,
     /// `chat_completions`, `responses`, `messages`, `embeddings`, `models` or `other`.
@@ -80,6 +86,7 @@ pub struct Llm {
 /// One MCP JSON-RPC message. A batch is decided message by message; `batch_size` says how many
 /// the request carried.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Mcp {
     /// Absent for the GET (server stream) and DELETE (end of session) requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -102,6 +109,7 @@ fn one() -> usize {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct A2a {
     /// As sent: `message/send` (0.3) or `SendMessage` (1.0), and so on.
     pub method: String,
@@ -117,6 +125,7 @@ pub struct A2a {
 
 /// The source agent's spend in the current window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Budget {
     pub spent_usd: f64,
     /// The window's length, e.g. `24h`.
@@ -130,3 +139,38 @@ pub const CREDENTIAL_HEADERS: [&str; 4] = [
     "x-api-key",
     "cookie",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every example in docs/policy-input.md is an `Input`, field for field.
+    #[test]
+    fn the_documented_examples_are_exactly_the_document() {
+        let doc = include_str!("../../../docs/policy-input.md");
+        let examples: Vec<&str> = doc
+            .split("```json")
+            .skip(1)
+            .filter_map(|b| b.split("```").next())
+            .collect();
+        assert_eq!(examples.len(), 4, "one example per call kind");
+        for text in examples {
+            let raw: serde_json::Value = serde_json::from_str(text).expect("valid JSON");
+            let input: Input =
+                serde_json::from_value(raw.clone()).unwrap_or_else(|e| panic!("{e} in\n{text}"));
+            assert_eq!(input.version, INPUT_VERSION);
+            assert_eq!(serde_json::to_value(&input).unwrap(), raw, "{text}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e = serde_json::from_str::<Input>(
+            r#"{"version":1,"direction":"outbound","source":{"agent":"a","team":"x"},
+                "destination":{"kind":"http","name":"w"},"request":{"method":"GET","path":"/"},
+                "time":"t"}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("team"), "{e}");
+    }
+}

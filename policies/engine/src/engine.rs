@@ -9,8 +9,9 @@ use std::time::Duration;
 /// Where the decision is read when the config names no other rule.
 pub const DEFAULT_DECISION_PATH: &str = "data.agentmesh.authz.decision";
 
-/// Longest one evaluation may run; past it the evaluation fails (and the call is denied).
-const EVAL_LIMIT: Duration = Duration::from_millis(50);
+/// Longest one decision may take in the sidecar; past it the evaluation fails (and the call is
+/// denied).
+pub const EVAL_LIMIT: Duration = Duration::from_millis(50);
 
 /// One policy revision, ready to decide. Cheap to share: clone the `Arc` it lives in.
 #[derive(Debug)]
@@ -25,7 +26,7 @@ impl Policy {
     /// Parses and compiles the sources for the rule at `decision_path`. Errors name the file,
     /// line and column, as regorus reports them.
     pub fn compile(sources: &Sources, decision_path: &str) -> Result<Policy, PolicyError> {
-        let mut engine = engine_with(sources)?;
+        let mut engine = engine_with(sources, EVAL_LIMIT)?;
         let rule: regorus::Rc<str> = decision_path.into();
         let compiled =
             engine
@@ -68,7 +69,7 @@ impl Policy {
         let value = self
             .compiled
             .eval_with_input(input)
-            .map_err(|e| PolicyError::Eval(e.to_string()))?;
+            .map_err(|e| PolicyError::Eval(one_line(&e.to_string())))?;
         if value == regorus::Value::Undefined {
             return Ok(Decision::deny(format!(
                 "no rule of `{}` decided this call",
@@ -84,12 +85,15 @@ impl Policy {
     }
 }
 
-/// A regorus engine holding the sources (Rego v1 syntax, as OPA 1.x), with the evaluation time
-/// limit set.
-pub(crate) fn engine_with(sources: &Sources) -> Result<regorus::Engine, PolicyError> {
+/// A regorus engine holding the sources (Rego v1 syntax, as OPA 1.x), with an evaluation time
+/// limit.
+pub(crate) fn engine_with(
+    sources: &Sources,
+    limit: Duration,
+) -> Result<regorus::Engine, PolicyError> {
     let mut engine = regorus::Engine::new();
     engine.set_execution_timer_config(regorus::utils::limits::ExecutionTimerConfig {
-        limit: EVAL_LIMIT,
+        limit,
         check_interval: NonZeroU32::new(1000).expect("non-zero literal"),
     });
     let data = regorus::Value::from_json_str(&sources.data.to_string()).map_err(|e| {

@@ -1,0 +1,36 @@
+# The entry point: data.agentmesh.authz.decision, the rule the sidecar evaluates.
+#
+# Each module under lib/ contributes `deny` reasons; a call is allowed only when no module
+# denies it. The manifest module denies every destination an agent has not declared, so the
+# library is closed by default: a new agent can call nothing until its manifest says so.
+package agentmesh.authz
+
+import rego.v1
+
+import data.agentmesh.lib
+
+denials contains reason if some reason in lib.manifest.deny
+
+denials contains reason if some reason in lib.models.deny
+
+denials contains reason if some reason in lib.tools.deny
+
+denials contains reason if some reason in lib.delegation.deny
+
+denials contains reason if some reason in lib.roles.deny
+
+budget_denials contains reason if some reason in lib.budget.deny
+
+all_denials := denials | budget_denials
+
+# Over budget and nothing else wrong: 429, so clients back off instead of failing hard.
+status := 429 if {
+	count(budget_denials) > 0
+	count(denials) == 0
+} else := 403
+
+decision := {"allow": true} if count(all_denials) == 0
+
+decision := {"allow": false, "status": status, "reason": concat("; ", sort(all_denials))} if {
+	count(all_denials) > 0
+}

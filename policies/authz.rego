@@ -7,19 +7,26 @@ package agentmesh.authz
 
 import rego.v1
 
-import data.agentmesh.lib
+# One import per module (not `data.agentmesh.lib` as a whole, which would make the engine build
+# every rule under it, tests included, on each call).
+import data.agentmesh.lib.budget
+import data.agentmesh.lib.delegation
+import data.agentmesh.lib.manifest
+import data.agentmesh.lib.models
+import data.agentmesh.lib.roles
+import data.agentmesh.lib.tools
 
-denials contains reason if some reason in lib.manifest.deny
+denials contains reason if some reason in manifest.deny
 
-denials contains reason if some reason in lib.models.deny
+denials contains reason if some reason in models.deny
 
-denials contains reason if some reason in lib.tools.deny
+denials contains reason if some reason in tools.deny
 
-denials contains reason if some reason in lib.delegation.deny
+denials contains reason if some reason in delegation.deny
 
-denials contains reason if some reason in lib.roles.deny
+denials contains reason if some reason in roles.deny
 
-budget_denials contains reason if some reason in lib.budget.deny
+budget_denials contains reason if some reason in budget.deny
 
 all_denials := denials | budget_denials
 

@@ -7,7 +7,10 @@ package agentmesh.lib.models
 import rego.v1
 
 deny contains sprintf("model %q is not allowed for agent %q", [input.llm.model, input.source.agent]) if {
-	models := data.agents[input.source.agent].models
+	# object.get rather than a plain reference: an agent without a manifest has no list, and the
+	# manifest module already denies it.
+	models := object.get(data.agents, [input.source.agent, "models"], null)
+	models != null
 	input.llm.model
 	not input.llm.model in models
 }

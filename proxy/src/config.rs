@@ -59,6 +59,8 @@ pub struct PolicyConfig {
     pub decision: String,
     /// `enforce` (default) or `audit`: decisions are logged and counted, denies not enforced.
     pub mode: PolicyMode,
+    /// `interpreter` (default, the reference semantics) or `bytecode` (faster).
+    pub engine: agentmesh_policy::EngineKind,
 }
 
 impl Default for PolicyConfig {
@@ -67,6 +69,7 @@ impl Default for PolicyConfig {
             path: None,
             decision: agentmesh_policy::DEFAULT_DECISION_PATH.into(),
             mode: PolicyMode::Enforce,
+            engine: agentmesh_policy::EngineKind::Interpreter,
         }
     }
 }

@@ -290,7 +290,12 @@ mod tests {
             data: serde_json::json!({}),
             revision: "t".into(),
         };
-        Policy::compile(&sources, agentmesh_policy::DEFAULT_DECISION_PATH).unwrap()
+        Policy::compile(
+            &sources,
+            agentmesh_policy::DEFAULT_DECISION_PATH,
+            agentmesh_policy::EngineKind::Interpreter,
+        )
+        .unwrap()
     }
 
     #[test]

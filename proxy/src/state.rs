@@ -47,7 +47,9 @@ impl Desired {
                     source,
                 };
                 let sources = agentmesh_policy::load(p).map_err(err)?;
-                let policy = Policy::compile(&sources, &config.policy.decision).map_err(err)?;
+                let policy =
+                    Policy::compile(&sources, &config.policy.decision, config.policy.engine)
+                        .map_err(err)?;
                 Some(Arc::new(policy))
             }
         };

@@ -3,7 +3,7 @@
 //! file, then `PASS: n/m`; the exit code is 0 only when every test passed.
 
 use agentmesh_policy::testing::{eval_package, run_tests, Outcome};
-use agentmesh_policy::{load, Policy, DEFAULT_DECISION_PATH};
+use agentmesh_policy::{load, EngineKind, Policy, DEFAULT_DECISION_PATH};
 use anyhow::Context;
 use clap::Subcommand;
 use std::path::PathBuf;
@@ -98,7 +98,7 @@ fn eval(dir: &std::path::Path, input: &std::path::Path, decision: &str) -> anyho
         .with_context(|| format!("{} is not a policy input document", input.display()))?;
     let text = serde_json::to_string(&doc)?;
     let sources = load(dir)?;
-    let policy = Policy::compile(&sources, decision)?;
+    let policy = Policy::compile(&sources, decision, EngineKind::Interpreter)?;
     let d = policy.decide_json(&text)?;
     println!("{}", serde_json::to_string_pretty(&d)?);
     if d.allow {

@@ -1,9 +1,14 @@
 //! A compiled policy: Rego modules and data prepared once per revision, then evaluated for each
-//! call by any worker thread. Evaluation starts from the compiled form (no parsing, no
-//! compiling) and stops at a wall-clock limit, so a runaway rule cannot stall the sidecar.
+//! call by any worker thread, on one of regorus's two engines: the interpreter (the default: the
+//! reference semantics, conflicts between rule definitions reported as errors as OPA does) or
+//! the bytecode VM (faster; a conflict there leaves the decision undefined, which denies). Either
+//! way no call parses or compiles Rego, and evaluation stops at a wall-clock limit, so a runaway
+//! rule cannot stall the sidecar.
 
 use crate::{Decision, Input, PolicyError, Sources};
+use regorus::rvm::{Program, RegoVM};
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Where the decision is read when the config names no other rule.
@@ -13,10 +18,22 @@ pub const DEFAULT_DECISION_PATH: &str = "data.agentmesh.authz.decision";
 /// denied).
 pub const EVAL_LIMIT: Duration = Duration::from_millis(50);
 
+/// Which regorus engine evaluates a policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    #[default]
+    Interpreter,
+    Bytecode,
+}
+
 /// One policy revision, ready to decide. Cheap to share: clone the `Arc` it lives in.
 #[derive(Debug)]
 pub struct Policy {
     compiled: regorus::CompiledPolicy,
+    /// The bytecode, when the bytecode engine was asked for.
+    program: Option<Arc<Program>>,
+    data: regorus::Value,
     decision_path: String,
     revision: String,
     modules: Vec<String>,
@@ -25,7 +42,11 @@ pub struct Policy {
 impl Policy {
     /// Parses and compiles the sources for the rule at `decision_path`. Errors name the file,
     /// line and column, as regorus reports them.
-    pub fn compile(sources: &Sources, decision_path: &str) -> Result<Policy, PolicyError> {
+    pub fn compile(
+        sources: &Sources,
+        decision_path: &str,
+        kind: EngineKind,
+    ) -> Result<Policy, PolicyError> {
         let mut engine = engine_with(sources, EVAL_LIMIT)?;
         let rule: regorus::Rc<str> = decision_path.into();
         let compiled =
@@ -35,8 +56,24 @@ impl Policy {
                     path: decision_path.to_string(),
                     message: e.to_string(),
                 })?;
+        let program = match kind {
+            EngineKind::Interpreter => None,
+            EngineKind::Bytecode => Some(
+                regorus::languages::rego::compiler::Compiler::compile_from_policy(
+                    &compiled,
+                    &[decision_path],
+                )
+                .map_err(|e| {
+                    PolicyError::Compile(format!(
+                        "the bytecode engine does not take this policy ({e}); use `engine: interpreter`"
+                    ))
+                })?,
+            ),
+        };
         Ok(Policy {
             compiled,
+            program,
+            data: data_value(sources)?,
             decision_path: decision_path.to_string(),
             revision: sources.revision.clone(),
             modules: sources.modules.iter().map(|(p, _)| p.clone()).collect(),
@@ -66,23 +103,79 @@ impl Policy {
     pub fn decide_json(&self, input_json: &str) -> Result<Decision, PolicyError> {
         let input = regorus::Value::from_json_str(input_json)
             .map_err(|e| PolicyError::Eval(format!("input: {e}")))?;
+        let value = match &self.program {
+            Some(program) => self.run_vm(program, input),
+            None => self
+                .compiled
+                .eval_with_input(input)
+                .map_err(|e| e.to_string()),
+        }
+        .map_err(|e| PolicyError::Eval(one_line(&e)))?;
+        to_decision(&value, &self.decision_path)
+    }
+}
+
+/// Reads the decision rule's value; undefined is a deny.
+fn to_decision(value: &regorus::Value, path: &str) -> Result<Decision, PolicyError> {
+    if *value == regorus::Value::Undefined {
+        return Ok(Decision::deny(format!(
+            "no rule of `{path}` decided this call"
+        )));
+    }
+    let json = value
+        .to_json_str()
+        .map_err(|e| PolicyError::Eval(e.to_string()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&json).map_err(|e| PolicyError::Eval(e.to_string()))?;
+    Decision::from_json(&v)
+}
+
+impl Policy {
+    fn run_vm(
+        &self,
+        program: &Arc<Program>,
+        input: regorus::Value,
+    ) -> Result<regorus::Value, String> {
+        let mut vm = RegoVM::new_with_policy(self.compiled.clone());
+        vm.load_program(program.clone());
+        vm.set_execution_timer_config(Some(timer(EVAL_LIMIT)));
+        vm.set_data(self.data.clone()).map_err(|e| e.to_string())?;
+        vm.set_input(input);
+        vm.execute().map_err(|e| e.to_string())
+    }
+
+    pub fn engine(&self) -> EngineKind {
+        match self.program {
+            Some(_) => EngineKind::Bytecode,
+            None => EngineKind::Interpreter,
+        }
+    }
+
+    /// Evaluates on the interpreter whatever the engine: for checking that the two agree.
+    pub fn decide_on_interpreter(&self, input: &Input) -> Result<Decision, PolicyError> {
+        let json = serde_json::to_string(input).map_err(|e| PolicyError::Eval(e.to_string()))?;
+        let input = regorus::Value::from_json_str(&json)
+            .map_err(|e| PolicyError::Eval(format!("input: {e}")))?;
         let value = self
             .compiled
             .eval_with_input(input)
             .map_err(|e| PolicyError::Eval(one_line(&e.to_string())))?;
-        if value == regorus::Value::Undefined {
-            return Ok(Decision::deny(format!(
-                "no rule of `{}` decided this call",
-                self.decision_path
-            )));
-        }
-        let json = value
-            .to_json_str()
-            .map_err(|e| PolicyError::Eval(e.to_string()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&json).map_err(|e| PolicyError::Eval(e.to_string()))?;
-        Decision::from_json(&v)
+        to_decision(&value, &self.decision_path)
     }
+}
+
+fn timer(limit: Duration) -> regorus::utils::limits::ExecutionTimerConfig {
+    regorus::utils::limits::ExecutionTimerConfig {
+        limit,
+        check_interval: NonZeroU32::new(1000).expect("non-zero literal"),
+    }
+}
+
+fn data_value(sources: &Sources) -> Result<regorus::Value, PolicyError> {
+    regorus::Value::from_json_str(&sources.data.to_string()).map_err(|e| PolicyError::Data {
+        path: "data".into(),
+        message: e.to_string(),
+    })
 }
 
 /// A regorus engine holding the sources (Rego v1 syntax, as OPA 1.x), with an evaluation time
@@ -92,20 +185,13 @@ pub(crate) fn engine_with(
     limit: Duration,
 ) -> Result<regorus::Engine, PolicyError> {
     let mut engine = regorus::Engine::new();
-    engine.set_execution_timer_config(regorus::utils::limits::ExecutionTimerConfig {
-        limit,
-        check_interval: NonZeroU32::new(1000).expect("non-zero literal"),
-    });
-    let data = regorus::Value::from_json_str(&sources.data.to_string()).map_err(|e| {
-        PolicyError::Data {
+    engine.set_execution_timer_config(timer(limit));
+    engine
+        .add_data(data_value(sources)?)
+        .map_err(|e| PolicyError::Data {
             path: "data".into(),
             message: e.to_string(),
-        }
-    })?;
-    engine.add_data(data).map_err(|e| PolicyError::Data {
-        path: "data".into(),
-        message: e.to_string(),
-    })?;
+        })?;
     for (path, text) in &sources.modules {
         engine
             .add_policy(path.clone(), text.clone())
@@ -187,7 +273,12 @@ decision := {"allow": true, "headers": {"x-policy": "models"}} if {
 
     #[test]
     fn compiled_policy_decides_from_input_and_data() {
-        let p = Policy::compile(&sources(MODELS), DEFAULT_DECISION_PATH).unwrap();
+        let p = Policy::compile(
+            &sources(MODELS),
+            DEFAULT_DECISION_PATH,
+            EngineKind::Interpreter,
+        )
+        .unwrap();
         let allow = p.decide(&llm_input("planner", "gpt-4o-mini")).unwrap();
         assert!(allow.allow);
         assert_eq!(allow.headers, vec![("x-policy".into(), "models".into())]);
@@ -205,6 +296,7 @@ decision := {"allow": true, "headers": {"x-policy": "models"}} if {
         let p = Policy::compile(
             &sources("package agentmesh.authz\ndecision if input.never\n"),
             DEFAULT_DECISION_PATH,
+            EngineKind::Interpreter,
         )
         .unwrap();
         let d = p.decide(&llm_input("planner", "gpt-4o-mini")).unwrap();
@@ -217,6 +309,7 @@ decision := {"allow": true, "headers": {"x-policy": "models"}} if {
         let err = Policy::compile(
             &sources("package agentmesh.authz\n\ndecision := {\"allow\": true\n"),
             DEFAULT_DECISION_PATH,
+            EngineKind::Interpreter,
         )
         .unwrap_err()
         .to_string();
@@ -225,9 +318,13 @@ decision := {"allow": true, "headers": {"x-policy": "models"}} if {
 
     #[test]
     fn a_missing_decision_rule_is_refused_at_load() {
-        let err = Policy::compile(&sources(MODELS), "data.agentmesh.authz.allow")
-            .unwrap_err()
-            .to_string();
+        let err = Policy::compile(
+            &sources(MODELS),
+            "data.agentmesh.authz.allow",
+            EngineKind::Interpreter,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("data.agentmesh.authz.allow"), "{err}");
     }
 
@@ -239,6 +336,7 @@ decision := {"allow": true, "headers": {"x-policy": "models"}} if {
                 "package agentmesh.authz\ndecision := true if input.version == 1\ndecision := false if input.version == 1\n",
             ),
             DEFAULT_DECISION_PATH,
+            EngineKind::Interpreter,
         )
         .unwrap();
         assert!(matches!(

@@ -10,7 +10,7 @@ pub mod load;
 pub mod testing;
 
 pub use decision::Decision;
-pub use engine::{Policy, DEFAULT_DECISION_PATH};
+pub use engine::{EngineKind, Policy, DEFAULT_DECISION_PATH};
 pub use input::Input;
 pub use load::{load, Sources};
 

@@ -118,6 +118,8 @@ impl ServeHttp for Admin {
                             "decision": p.decision_path(),
                             "modules": p.modules(),
                             "mode": snap.config.policy.mode,
+                            "engine": p.engine(),
+                            "cached_decisions": p.cache_entries(),
                         })),
                         "config": snap.config.redacted(),
                     }),

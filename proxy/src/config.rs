@@ -61,6 +61,23 @@ pub struct PolicyConfig {
     pub mode: PolicyMode,
     /// `interpreter` (default, the reference semantics) or `bytecode` (faster).
     pub engine: agentmesh_policy::EngineKind,
+    /// Reuse decisions for identical inputs (off unless set). The policy must not read
+    /// `input.time`, which is left out of cached inputs.
+    pub cache: Option<PolicyCache>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyCache {
+    /// How long a decision is reused.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    #[serde(default = "default_cache_entries")]
+    pub max_entries: u64,
+}
+
+fn default_cache_entries() -> u64 {
+    10_000
 }
 
 impl Default for PolicyConfig {
@@ -70,6 +87,7 @@ impl Default for PolicyConfig {
             decision: agentmesh_policy::DEFAULT_DECISION_PATH.into(),
             mode: PolicyMode::Enforce,
             engine: agentmesh_policy::EngineKind::Interpreter,
+            cache: None,
         }
     }
 }
@@ -345,6 +363,15 @@ impl Config {
                 "policy.decision".into(),
                 format!("`{d}` is not a rule path like `data.agentmesh.authz.decision`"),
             ));
+        }
+        if let Some(c) = &self.policy.cache {
+            if c.ttl.is_zero() || c.max_entries == 0 {
+                return Err(invalid(
+                    "policy.cache".into(),
+                    "ttl and max_entries must be greater than 0 (leave `cache` out to turn it off)"
+                        .into(),
+                ));
+            }
         }
         if self.limits.max_inspect_body_bytes == 0 {
             return Err(invalid(

@@ -47,9 +47,12 @@ impl Desired {
                     source,
                 };
                 let sources = agentmesh_policy::load(p).map_err(err)?;
-                let policy =
+                let mut policy =
                     Policy::compile(&sources, &config.policy.decision, config.policy.engine)
                         .map_err(err)?;
+                if let Some(c) = &config.policy.cache {
+                    policy = policy.with_cache(c.ttl, c.max_entries);
+                }
                 Some(Arc::new(policy))
             }
         };

@@ -34,6 +34,8 @@ pub struct Policy {
     /// The bytecode, when the bytecode engine was asked for.
     program: Option<Arc<Program>>,
     data: regorus::Value,
+    /// Decisions by input document (without `time`), when the policy opted in.
+    cache: Option<moka::sync::Cache<String, Decision>>,
     decision_path: String,
     revision: String,
     modules: Vec<String>,
@@ -74,6 +76,7 @@ impl Policy {
             compiled,
             program,
             data: data_value(sources)?,
+            cache: None,
             decision_path: decision_path.to_string(),
             revision: sources.revision.clone(),
             modules: sources.modules.iter().map(|(p, _)| p.clone()).collect(),
@@ -93,10 +96,38 @@ impl Policy {
         &self.modules
     }
 
+    /// Turns on the decision cache: a decision is reused for an identical input document for
+    /// `ttl`. With it, `input.time` is left out of the document (it would make every input
+    /// unique), so a cached policy must not read it. Evaluation errors are never cached.
+    pub fn with_cache(mut self, ttl: Duration, max_entries: u64) -> Self {
+        self.cache = Some(
+            moka::sync::Cache::builder()
+                .time_to_live(ttl)
+                .max_capacity(max_entries)
+                .build(),
+        );
+        self
+    }
+
     /// Evaluates the decision rule on `input`. An undefined decision is a deny.
     pub fn decide(&self, input: &Input) -> Result<Decision, PolicyError> {
-        let json = serde_json::to_string(input).map_err(|e| PolicyError::Eval(e.to_string()))?;
-        self.decide_json(&json)
+        let Some(cache) = &self.cache else {
+            let json =
+                serde_json::to_string(input).map_err(|e| PolicyError::Eval(e.to_string()))?;
+            return self.decide_json(&json);
+        };
+        let json = without_time(input)?;
+        if let Some(d) = cache.get(&json) {
+            return Ok(d);
+        }
+        let d = self.decide_json(&json)?;
+        cache.insert(json, d.clone());
+        Ok(d)
+    }
+
+    /// Decisions held in the cache, if it is on.
+    pub fn cache_entries(&self) -> Option<u64> {
+        self.cache.as_ref().map(|c| c.entry_count())
     }
 
     /// Evaluates the decision rule on an input given as JSON text.
@@ -112,6 +143,20 @@ impl Policy {
         }
         .map_err(|e| PolicyError::Eval(one_line(&e)))?;
         to_decision(&value, &self.decision_path)
+    }
+}
+
+/// The input document as JSON without `time`: the cache key, and what a cached policy
+/// evaluates. `time` is the document's last field, so it is the serialization's tail.
+fn without_time(input: &Input) -> Result<String, PolicyError> {
+    let mut json = serde_json::to_string(input).map_err(|e| PolicyError::Eval(e.to_string()))?;
+    match json.rfind(",\"time\":") {
+        Some(at) => {
+            json.truncate(at);
+            json.push('}');
+            Ok(json)
+        }
+        None => Err(PolicyError::Eval("input without `time`".into())),
     }
 }
 
@@ -343,6 +388,38 @@ decision := {"allow": true, "headers": {"x-policy": "models"}} if {
             p.decide(&llm_input("planner", "x")),
             Err(PolicyError::Eval(_))
         ));
+    }
+
+    #[test]
+    fn the_cache_reuses_decisions_for_the_same_input_at_any_time() {
+        let key = without_time(&llm_input("planner", "x")).unwrap();
+        assert!(!key.contains("time") && key.ends_with("}}"), "{key}");
+        let v: serde_json::Value = serde_json::from_str(&key).unwrap();
+        assert_eq!(v["llm"]["model"], "x");
+
+        // A policy whose answer we can change under the cache: it reads data we swap.
+        let p = Policy::compile(
+            &sources(MODELS),
+            DEFAULT_DECISION_PATH,
+            EngineKind::Interpreter,
+        )
+        .unwrap()
+        .with_cache(Duration::from_secs(60), 100);
+        let mut a = llm_input("planner", "gpt-4o-mini");
+        assert!(p.decide(&a).unwrap().allow);
+        a.time = "2030-01-01T00:00:00Z".into();
+        assert!(p.decide(&a).unwrap().allow);
+        p.cache.as_ref().unwrap().run_pending_tasks();
+        assert_eq!(p.cache_entries(), Some(1), "time is not part of the key");
+        assert!(!p.decide(&llm_input("planner", "gpt-5")).unwrap().allow);
+        p.cache.as_ref().unwrap().run_pending_tasks();
+        assert_eq!(p.cache_entries(), Some(2));
+        // Served from the cache: a poisoned entry is what comes back.
+        p.cache
+            .as_ref()
+            .unwrap()
+            .insert(without_time(&a).unwrap(), Decision::deny("cached"));
+        assert_eq!(p.decide(&a).unwrap().reason.as_deref(), Some("cached"));
     }
 
     #[test]

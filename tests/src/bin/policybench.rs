@@ -84,14 +84,20 @@ fn main() -> anyhow::Result<()> {
     let sources =
         load(&args.policy).with_context(|| format!("loading {}", args.policy.display()))?;
     for kind in [EngineKind::Interpreter, EngineKind::Bytecode] {
-        let policy = Policy::compile(&sources, DEFAULT_DECISION_PATH, kind)?;
-        println!(
-            "\npolicy {} ({} modules), {kind:?} engine, {} evaluations per input",
-            args.policy.display(),
-            policy.modules().len(),
-            args.iterations
-        );
-        measure(&policy, args.iterations)?;
+        for cached in [false, true] {
+            let mut policy = Policy::compile(&sources, DEFAULT_DECISION_PATH, kind)?;
+            if cached {
+                policy = policy.with_cache(std::time::Duration::from_secs(60), 10_000);
+            }
+            println!(
+                "\npolicy {} ({} modules), {kind:?} engine, cache {}, {} evaluations per input",
+                args.policy.display(),
+                policy.modules().len(),
+                if cached { "on" } else { "off" },
+                args.iterations
+            );
+            measure(&policy, args.iterations)?;
+        }
     }
     Ok(())
 }

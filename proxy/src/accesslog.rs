@@ -1,22 +1,13 @@
 //! Phase 6, observe (log part): one JSON line per call, on its own sink (stdout, a file, or off).
 //! The full telemetry pipeline (OTLP, metrics, tap) is issue 4; this is the record it builds on.
-//!
-//! Lines are rendered on the request's thread and handed to a dedicated writer thread over a
-//! bounded queue, so a slow disk or a blocked stdout never stalls the proxy's workers. The writer
-//! batches whatever is queued and flushes when the queue runs dry. If the queue is full the line
-//! is counted as dropped (`/stats`), never waited for.
+//! Lines are rendered on the request's thread and written by a `LineSink`, which never blocks
+//! the proxy's workers.
 
+use crate::linesink::{Counters, LineSink};
 use crate::record::CallRecord;
 use crate::reject::Rejection;
 use serde::Serialize;
-use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// Lines that may wait for the writer before new ones are dropped.
-const QUEUE_LINES: usize = 65_536;
 
 /// How each line is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -29,17 +20,8 @@ pub enum Format {
 
 /// Where access lines go.
 pub struct AccessLog {
-    tx: Option<SyncSender<Vec<u8>>>,
+    sink: LineSink,
     format: Format,
-    counters: Arc<Counters>,
-}
-
-/// What happened to the lines, for `/stats`.
-#[derive(Debug, Default, serde::Serialize)]
-pub struct Counters {
-    pub written: AtomicU64,
-    pub dropped: AtomicU64,
-    pub write_errors: AtomicU64,
 }
 
 #[derive(Serialize)]
@@ -67,63 +49,14 @@ fn ms(d: Duration) -> f64 {
 impl AccessLog {
     /// `spec` is `stdout`, `off`, or a file path (appended to).
     pub fn open(spec: &str, format: Format) -> std::io::Result<AccessLog> {
-        let sink: Option<Box<dyn Write + Send>> = match spec {
-            "off" => None,
-            "stdout" | "-" => Some(Box::new(std::io::stdout())),
-            path => Some(Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?,
-            )),
-        };
-        Self::with_sink(sink, format, QUEUE_LINES)
-    }
-
-    fn with_sink(
-        sink: Option<Box<dyn Write + Send>>,
-        format: Format,
-        queue: usize,
-    ) -> std::io::Result<AccessLog> {
-        let counters = Arc::new(Counters::default());
-        let tx = match sink {
-            None => None,
-            Some(sink) => {
-                let (tx, rx) = sync_channel::<Vec<u8>>(queue);
-                let c = counters.clone();
-                std::thread::Builder::new()
-                    .name("access-log".into())
-                    .spawn(move || {
-                        let mut out = std::io::BufWriter::with_capacity(64 * 1024, sink);
-                        // Blocks for the next line, takes every other queued one, then flushes.
-                        while let Ok(first) = rx.recv() {
-                            let mut n = 0u64;
-                            let mut ok = out.write_all(&first).is_ok();
-                            n += 1;
-                            while let Ok(line) = rx.try_recv() {
-                                ok &= out.write_all(&line).is_ok();
-                                n += 1;
-                            }
-                            ok &= out.flush().is_ok();
-                            if ok {
-                                c.written.fetch_add(n, Ordering::Relaxed);
-                            } else {
-                                c.write_errors.fetch_add(n, Ordering::Relaxed);
-                            }
-                        }
-                    })?;
-                Some(tx)
-            }
-        };
         Ok(AccessLog {
-            tx,
+            sink: LineSink::open(spec, "access-log")?,
             format,
-            counters,
         })
     }
 
     pub fn counters(&self) -> &Counters {
-        &self.counters
+        self.sink.counters()
     }
 
     pub fn write(
@@ -134,7 +67,9 @@ impl AccessLog {
         ttfb: Option<Duration>,
         rejection: Option<&Rejection>,
     ) {
-        let Some(tx) = &self.tx else { return };
+        if !self.sink.is_on() {
+            return;
+        }
         let line = Line {
             ts_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -155,21 +90,8 @@ impl AccessLog {
             }),
             Format::Text => Ok(text_line(&line).into_bytes()),
         };
-        let Ok(bytes) = bytes else { return };
-        match tx.try_send(bytes) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                let n = self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                if n.is_multiple_of(10_000) {
-                    tracing::warn!(
-                        dropped = n + 1,
-                        "access log writer is behind; lines dropped"
-                    );
-                }
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
-            }
+        if let Ok(bytes) = bytes {
+            self.sink.send(bytes);
         }
     }
 }
@@ -215,22 +137,8 @@ fn text_line(l: &Line<'_>) -> String {
 mod tests {
     use super::*;
     use crate::config::CallKind;
+    use crate::linesink::tests::{wait_for, Shared};
     use crate::record::Direction;
-
-    /// A sink tests can read back, optionally stalled until released.
-    #[derive(Clone, Default)]
-    struct Shared(Arc<std::sync::Mutex<Vec<u8>>>, Arc<std::sync::Mutex<()>>);
-
-    impl Write for Shared {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            let _gate = self.1.lock().unwrap();
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     fn call(n: u16) -> CallRecord {
         let mut r = CallRecord::new(Direction::Outbound, CallKind::Http, "http/x", "GET", "/");
@@ -238,19 +146,13 @@ mod tests {
         r
     }
 
-    fn wait_for(c: &AtomicU64, n: u64) {
-        for _ in 0..500 {
-            if c.load(Ordering::Relaxed) >= n {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
     #[test]
     fn lines_arrive_in_order_off_the_caller_thread() {
         let sink = Shared::default();
-        let log = AccessLog::with_sink(Some(Box::new(sink.clone())), Format::Json, 1024).unwrap();
+        let log = AccessLog {
+            sink: LineSink::with_writer(Some(Box::new(sink.clone())), "test", 1024).unwrap(),
+            format: Format::Json,
+        };
         for i in 0..100 {
             log.write(&call(i), Duration::from_millis(1), None, None, None);
         }
@@ -265,25 +167,5 @@ mod tests {
             })
             .collect();
         assert_eq!(statuses, (0..100).collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn a_stalled_sink_drops_and_counts_instead_of_blocking() {
-        let sink = Shared::default();
-        let gate = sink.1.lock().unwrap(); // the sink blocks until released
-        let log = AccessLog::with_sink(Some(Box::new(sink.clone())), Format::Text, 4).unwrap();
-        // The first line reaches the writer thread, which then stalls on the sink.
-        log.write(&call(0), Duration::from_millis(1), None, None, None);
-        std::thread::sleep(Duration::from_millis(100));
-        for i in 1..50 {
-            log.write(&call(i), Duration::from_millis(1), None, None, None);
-        }
-        // The caller was never blocked: 49 more calls returned with the sink stalled; the
-        // queue kept 4 of them and counted the rest as dropped.
-        assert_eq!(log.counters().dropped.load(Ordering::Relaxed), 45);
-        drop(gate);
-        let kept = 50 - log.counters().dropped.load(Ordering::Relaxed);
-        wait_for(&log.counters().written, kept);
-        assert_eq!(log.counters().written.load(Ordering::Relaxed), kept);
     }
 }

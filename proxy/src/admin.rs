@@ -1,12 +1,14 @@
 //! The admin listener (design §2, port 15000): `/healthz` (the process serves), `/readyz` (a
 //! config is loaded and the listeners are up), `/config_dump` (the effective config with its
-//! version, policy revision and reload status), `/stats` (access-log and policy-decision counters;
+//! version, policy revision and reload status), `/stats` (access-log, decision-log and decision
+//! counters;
 //! `/metrics` comes with issue 4),
 //! `/logging` (show or change the log filter at runtime).
 //! Loopback only by default.
 
 use crate::accesslog::AccessLog;
 use crate::decide::PolicyCounters;
+use crate::decisionlog::DecisionLog;
 use crate::logging::LogControl;
 use crate::state::Store;
 use async_trait::async_trait;
@@ -20,6 +22,7 @@ use std::time::UNIX_EPOCH;
 pub struct Admin {
     pub store: Arc<Store>,
     pub access_log: Arc<AccessLog>,
+    pub decision_log: Arc<DecisionLog>,
     pub policy_counters: Arc<PolicyCounters>,
     pub log: Option<Arc<LogControl>>,
 }
@@ -134,6 +137,7 @@ impl ServeHttp for Admin {
                 json!({
                     "access_log": self.access_log.counters(),
                     "policy": self.policy_counters.snapshot(),
+                    "decision_log": self.decision_log.counters(),
                 }),
             ),
             _ => json_response(

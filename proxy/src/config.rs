@@ -64,6 +64,8 @@ pub struct PolicyConfig {
     /// Reuse decisions for identical inputs (off unless set). The policy must not read
     /// `input.time`, which is left out of cached inputs.
     pub cache: Option<PolicyCache>,
+    /// Input paths removed from decision-log entries (`/input/...`, as OPA's masks).
+    pub decision_log_mask: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -88,6 +90,7 @@ impl Default for PolicyConfig {
             mode: PolicyMode::Enforce,
             engine: agentmesh_policy::EngineKind::Interpreter,
             cache: None,
+            decision_log_mask: vec!["/input/mcp/arguments".into()],
         }
     }
 }
@@ -363,6 +366,14 @@ impl Config {
                 "policy.decision".into(),
                 format!("`{d}` is not a rule path like `data.agentmesh.authz.decision`"),
             ));
+        }
+        for (i, m) in self.policy.decision_log_mask.iter().enumerate() {
+            if !m.starts_with("/input/") {
+                return Err(invalid(
+                    format!("policy.decision_log_mask[{i}]"),
+                    format!("`{m}` is not an input path like `/input/mcp/arguments`"),
+                ));
+            }
         }
         if let Some(c) = &self.policy.cache {
             if c.ttl.is_zero() || c.max_entries == 0 {

@@ -119,6 +119,15 @@ pub struct Outcome {
     pub audited: bool,
     /// An evaluation error, if the policy failed.
     pub error: Option<String>,
+    /// Each evaluation made, in input order (the decision log writes one entry each).
+    pub evaluations: Vec<Evaluation>,
+}
+
+/// One evaluation of the policy on one input document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation {
+    pub result: Result<Decision, String>,
+    pub eval_ns: u64,
 }
 
 /// Decides a call: every input must be allowed.
@@ -136,21 +145,37 @@ pub fn decide(
         headers: Vec::new(),
     };
     let mut error = None;
+    let mut evaluations = Vec::with_capacity(inputs.len());
     for input in inputs {
         let d = match policy {
-            None => Decision::deny("no policy is loaded: every call is denied"),
-            Some(p) => match p.decide(input) {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::error!(error = %e, target, "policy evaluation failed");
-                    let msg = e.to_string();
-                    error = Some(msg.clone());
-                    if fail_open {
-                        continue;
+            None => {
+                let msg = "no policy is loaded: every call is denied";
+                tracing::error!(target, "{msg}");
+                evaluations.push(Evaluation {
+                    result: Err(msg.into()),
+                    eval_ns: 0,
+                });
+                Decision::deny(msg)
+            }
+            Some(p) => {
+                let started = std::time::Instant::now();
+                let result = p.decide(input).map_err(|e| e.to_string());
+                evaluations.push(Evaluation {
+                    result: result.clone(),
+                    eval_ns: started.elapsed().as_nanos() as u64,
+                });
+                match result {
+                    Ok(d) => d,
+                    Err(msg) => {
+                        tracing::error!(error = %msg, target, "policy evaluation failed");
+                        error = Some(msg.clone());
+                        if fail_open {
+                            continue;
+                        }
+                        Decision::deny(format!("policy evaluation failed: {msg}"))
                     }
-                    Decision::deny(format!("policy evaluation failed: {msg}"))
                 }
-            },
+            }
         };
         if !d.allow {
             let audited = mode == PolicyMode::Audit;
@@ -173,6 +198,7 @@ pub fn decide(
                 decision: d,
                 audited,
                 error,
+                evaluations,
             };
         }
         for h in d.headers {
@@ -188,6 +214,7 @@ pub fn decide(
         decision: allowed,
         audited: false,
         error,
+        evaluations,
     }
 }
 

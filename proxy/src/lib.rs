@@ -9,6 +9,8 @@ pub mod admin;
 pub mod classify;
 pub mod config;
 pub mod decide;
+pub mod decisionlog;
+pub mod linesink;
 pub mod logging;
 pub mod proxy;
 pub mod record;

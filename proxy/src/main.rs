@@ -28,6 +28,10 @@ struct Args {
         env = "AGENTMESH_ACCESS_LOG_FORMAT"
     )]
     access_log_format: Format,
+    /// Where decision logs go (one OPA-shaped JSON line per policy evaluation): `stdout`,
+    /// `off` or a file path.
+    #[arg(long, default_value = "off", env = "AGENTMESH_DECISION_LOG")]
+    decision_log: String,
     /// Format of the sidecar's own log lines on stderr (filter: `AGENTMESH_LOG`).
     #[arg(long, value_enum, default_value = "text", env = "AGENTMESH_LOG_FORMAT")]
     log_format: LogFormat,
@@ -86,6 +90,7 @@ fn main() {
         threads: args.threads,
         access_log: args.access_log,
         access_log_format: args.access_log_format,
+        decision_log: args.decision_log,
         log: Some(log),
     };
     match build(desired, &opts) {

@@ -13,6 +13,7 @@ use crate::accesslog::AccessLog;
 use crate::classify::{classify, ClassifyError, Destination};
 use crate::config::CallKind;
 use crate::decide::{self, CallFacts, PolicyCounters, Verdict};
+use crate::decisionlog::{DecisionLog, Entry};
 use crate::record::{CallRecord, Direction, PolicyResult};
 use crate::reject::Rejection;
 use crate::route::{resolve, upstream_path, UpstreamState};
@@ -32,6 +33,7 @@ pub struct MeshProxy {
     pub store: Arc<Store>,
     pub direction: Direction,
     pub access_log: Arc<AccessLog>,
+    pub decision_log: Arc<DecisionLog>,
     pub policy_counters: Arc<PolicyCounters>,
 }
 
@@ -223,6 +225,14 @@ impl MeshProxy {
             &rec.target,
         );
         self.policy_counters.count(&out);
+        self.decision_log.write(&Entry {
+            inputs: &inputs,
+            evaluations: &out.evaluations,
+            decision_path: &snap.config.policy.decision,
+            revision: snap.policy.as_ref().map(|p| p.revision()),
+            enforced: !out.audited,
+            mask: &snap.config.policy.decision_log_mask,
+        });
         rec.decision = Some(PolicyResult {
             allow: out.decision.allow,
             enforced: !out.audited,

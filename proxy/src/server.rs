@@ -5,6 +5,7 @@ use crate::accesslog::AccessLog;
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::decide::PolicyCounters;
+use crate::decisionlog::DecisionLog;
 use crate::proxy::MeshProxy;
 use crate::record::Direction;
 use crate::reload::Reloader;
@@ -24,6 +25,8 @@ pub struct RunOptions {
     pub threads: usize,
     pub access_log: String,
     pub access_log_format: crate::accesslog::Format,
+    /// `stdout`, `off` or a file path.
+    pub decision_log: String,
     /// The log filter's handle, for the admin port's `/logging`.
     pub log: Option<Arc<crate::logging::LogControl>>,
 }
@@ -72,6 +75,7 @@ pub fn build(desired: Desired, opts: &RunOptions) -> anyhow::Result<Server> {
     let store = Store::new(desired, &opts.config_path.display().to_string());
     let policy_counters = Arc::new(PolicyCounters::default());
     let access_log = Arc::new(AccessLog::open(&opts.access_log, opts.access_log_format)?);
+    let decision_log = Arc::new(DecisionLog::open(&opts.decision_log)?);
 
     // The agent may speak h2c (prior knowledge) or HTTP/1.1 on the same port.
     let mut h2c = HttpServerOptions::default();
@@ -80,6 +84,7 @@ pub fn build(desired: Desired, opts: &RunOptions) -> anyhow::Result<Server> {
         store: store.clone(),
         direction,
         access_log: access_log.clone(),
+        decision_log: decision_log.clone(),
         policy_counters: policy_counters.clone(),
     };
     let mut outbound = ProxyServiceBuilder::new(&conf, proxy(Direction::Outbound))
@@ -103,6 +108,7 @@ pub fn build(desired: Desired, opts: &RunOptions) -> anyhow::Result<Server> {
         pingora::apps::http_app::HttpServer::new_app(Admin {
             store: store.clone(),
             access_log: access_log.clone(),
+            decision_log,
             policy_counters,
             log: opts.log.clone(),
         }),

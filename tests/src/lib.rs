@@ -14,6 +14,14 @@ pub fn bin_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"))
 }
 
+fn json_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
 /// A file or directory under `tests/fixtures/`.
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -187,6 +195,8 @@ impl Sidecar {
                 config.to_str().unwrap_or_default(),
                 "--access-log",
                 access_log.to_str().unwrap_or_default(),
+                "--decision-log",
+                dir.path("decisions.jsonl").to_str().unwrap_or_default(),
             ],
             env,
             &dir.path("sidecar.log"),
@@ -242,11 +252,12 @@ impl Sidecar {
     }
 
     pub fn calls(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.access_log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        json_lines(&self.access_log)
+    }
+
+    /// The decision log's entries so far (`decisions.jsonl` beside the config).
+    pub fn decisions(&self) -> Vec<serde_json::Value> {
+        json_lines(&self.config.with_file_name("decisions.jsonl"))
     }
 
     /// Waits for at least `n` access-log lines (written as each call ends).

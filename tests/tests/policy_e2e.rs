@@ -361,3 +361,42 @@ async fn a_broken_policy_stops_the_start_with_its_location() {
     // The relative path resolved against the config file's directory.
     assert!(err.contains(&dir.path("p").display().to_string()), "{err}");
 }
+
+#[tokio::test]
+async fn decision_logs_say_which_revision_decided_and_never_hold_the_arguments() {
+    let m = mesh("policy-dlog", POLICY, "policy: {path: \"{DIR}\"}", "").await;
+    let (s, _) = call_tool(&m.sc, "read_file").await;
+    assert_eq!(s, 403);
+    let (s, _) = call_tool(&m.sc, "add").await;
+    assert_eq!(s, 200);
+    let revision = m.sc.config_dump().await["policy"]["revision"].clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let entries = loop {
+        let e = m.sc.decisions();
+        if e.len() >= 2 || std::time::Instant::now() > deadline {
+            break e;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    let denied = &entries[0];
+    assert_eq!(denied["path"], "agentmesh/authz/decision");
+    assert_eq!(denied["result"]["allow"], false);
+    assert_eq!(denied["result"]["reason"], "default deny");
+    assert_eq!(denied["input"]["mcp"]["tool"], "read_file");
+    assert_eq!(denied["bundles"]["agentmesh"]["revision"], revision);
+    assert_eq!(denied["erased"], json!(["/input/mcp/arguments"]));
+    assert!(
+        denied["metrics"]["timer_rego_query_eval_ns"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert_ne!(entries[0]["decision_id"], entries[1]["decision_id"]);
+    assert_eq!(entries[1]["result"]["allow"], true);
+    let text = std::fs::read_to_string(m.dir.path("decisions.jsonl")).unwrap();
+    assert!(
+        !text.contains("\"text\":\"x\""),
+        "tool arguments are masked: {text}"
+    );
+}

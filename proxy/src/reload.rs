@@ -104,9 +104,20 @@ impl BackgroundService for Reloader {
                 if let Some(old) = policy_watched.take() {
                     let _ = w.unwatch(&old);
                 }
-                if let Some(dir) = &want {
-                    if let Err(e) = w.watch(dir, RecursiveMode::Recursive) {
-                        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the policy directory; reload with SIGHUP");
+                if let Some(path) = &want {
+                    // A bundle file is watched through its directory: it is usually replaced,
+                    // not written in place.
+                    let (dir, mode) = if path.is_dir() {
+                        (path.as_path(), RecursiveMode::Recursive)
+                    } else {
+                        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+                        (
+                            parent.unwrap_or(std::path::Path::new(".")),
+                            RecursiveMode::NonRecursive,
+                        )
+                    };
+                    if let Err(e) = w.watch(dir, mode) {
+                        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the policy; reload with SIGHUP");
                     }
                 }
             }

@@ -400,3 +400,66 @@ async fn decision_logs_say_which_revision_decided_and_never_hold_the_arguments()
         "tool arguments are masked: {text}"
     );
 }
+
+/// Writes an OPA bundle: a gzipped tarball with a `.manifest` naming the revision.
+fn write_bundle(path: &std::path::Path, revision: &str, rego: &str) {
+    let tmp = path.with_extension("tmp");
+    let gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(&tmp).unwrap(),
+        flate2::Compression::default(),
+    );
+    let mut t = tar::Builder::new(gz);
+    let manifest = format!(r#"{{"revision": "{revision}", "roots": ["agentmesh"]}}"#);
+    for (name, text) in [
+        (".manifest", manifest.as_str()),
+        ("agentmesh/authz.rego", rego),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(text.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        t.append_data(&mut h, name, text.as_bytes()).unwrap();
+    }
+    t.into_inner().unwrap().finish().unwrap();
+    std::fs::rename(&tmp, path).unwrap(); // replaced whole, as a bundle server's client would
+}
+
+#[tokio::test]
+async fn an_opa_bundle_is_a_policy_and_its_replacement_applies_live() {
+    let dir = Scratch::new("policy-bundle");
+    let llm = Fixture::mock_llm(&dir, &[]).await;
+    let bundle = dir.path("authz.tar.gz");
+    write_bundle(&bundle, "r1", POLICY);
+    let body = format!(
+        "upstreams:\n  - {{name: llm/openai, endpoints: [\"{}\"]}}\npolicy: {{path: authz.tar.gz}}\n",
+        llm.url("")
+    );
+    let sc = Sidecar::start(&dir, &body).await;
+    assert_eq!(sc.config_dump().await["policy"]["revision"], "r1");
+    let url = sc.url("/llm/openai/v1/chat/completions");
+    assert_eq!(post(&url, &[], &chat("gpt-4.1")).await.0, 403);
+
+    write_bundle(
+        &bundle,
+        "r2",
+        &POLICY.replace("\"gpt-4o-mini\"", "\"gpt-4.1\""),
+    );
+    sc.wait_dump(|d| d["policy"]["revision"] == "r2").await;
+    assert_eq!(post(&url, &[], &chat("gpt-4.1")).await.0, 200);
+
+    // A corrupt bundle is rejected; r2 keeps deciding.
+    std::fs::write(dir.path("authz.tar.gz.tmp"), b"truncated").unwrap();
+    std::fs::rename(dir.path("authz.tar.gz.tmp"), &bundle).unwrap();
+    let d = sc
+        .wait_dump(|d| d["status"]["reloads_rejected"].as_u64() >= Some(1))
+        .await;
+    assert!(
+        d["status"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("not a readable .tar.gz bundle"),
+        "{d}"
+    );
+    assert_eq!(d["policy"]["revision"], "r2");
+    assert_eq!(post(&url, &[], &chat("gpt-4.1")).await.0, 200);
+}

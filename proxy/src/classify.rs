@@ -125,6 +125,7 @@ fn classify_llm(
         max_tokens: None,
         response_model: None,
         usage: Usage::default(),
+        cost_usd: None,
     };
     if method != "POST" || body.is_empty() {
         return Ok(call);

@@ -47,6 +47,17 @@ pub struct Config {
     /// The Rego policy every call is decided by. Without one, every call is denied.
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// Model prices, for the cost of each LLM call.
+    #[serde(default)]
+    pub pricing: PricingConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PricingConfig {
+    /// A price table in LiteLLM's `model_prices_and_context_window.json` format, relative to
+    /// the config file; without it a small built-in table is used.
+    pub file: Option<PathBuf>,
 }
 
 /// Where the policy comes from and how its decisions apply (docs/policy.md).
@@ -66,6 +77,10 @@ pub struct PolicyConfig {
     pub cache: Option<PolicyCache>,
     /// Input paths removed from decision-log entries (`/input/...`, as OPA's masks).
     pub decision_log_mask: Vec<String>,
+    /// The window `input.budget.spent_usd` counts over (fixed, aligned to UTC midnight for
+    /// `24h`). Read at start.
+    #[serde(with = "humantime_serde")]
+    pub budget_window: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -91,6 +106,7 @@ impl Default for PolicyConfig {
             engine: agentmesh_policy::EngineKind::Interpreter,
             cache: None,
             decision_log_mask: vec!["/input/mcp/arguments".into()],
+            budget_window: Duration::from_secs(86_400),
         }
     }
 }
@@ -324,10 +340,15 @@ impl Config {
             source,
         })?;
         let mut config = Config::from_yaml(&text, &file)?;
-        // A relative policy path is relative to the config file, wherever the sidecar starts.
-        if let (Some(p), Some(dir)) = (config.policy.path.as_mut(), path.parent()) {
-            if p.is_relative() {
-                *p = dir.join(&*p);
+        // Relative paths are relative to the config file, wherever the sidecar starts.
+        if let Some(dir) = path.parent() {
+            for p in [config.policy.path.as_mut(), config.pricing.file.as_mut()]
+                .into_iter()
+                .flatten()
+            {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
+                }
             }
         }
         Ok(config)
@@ -374,6 +395,12 @@ impl Config {
                     format!("`{m}` is not an input path like `/input/mcp/arguments`"),
                 ));
             }
+        }
+        if self.policy.budget_window < Duration::from_secs(1) {
+            return Err(invalid(
+                "policy.budget_window".into(),
+                "must be at least 1s".into(),
+            ));
         }
         if let Some(c) = &self.policy.cache {
             if c.ttl.is_zero() || c.max_entries == 0 {

@@ -23,6 +23,8 @@ pub struct CallFacts<'a> {
     pub path: &'a str,
     pub headers: &'a http::HeaderMap,
     pub time: String,
+    /// The source agent's spend in the current window (outbound calls).
+    pub budget: Option<input::Budget>,
 }
 
 /// Builds the input documents for a call: one, or one per message of an MCP batch.
@@ -72,7 +74,7 @@ pub fn inputs(rec: &CallRecord, facts: &CallFacts) -> Vec<Input> {
             context_id: a.context_id.clone(),
             streaming: a.streaming,
         }),
-        budget: None,
+        budget: facts.budget.clone(),
         time: facts.time.clone(),
     };
     let Some(m) = rec.mcp.as_ref() else {
@@ -308,6 +310,7 @@ mod tests {
             path,
             headers,
             time: "2026-12-01T00:00:00.000Z".into(),
+            budget: None,
         }
     }
 

@@ -17,6 +17,7 @@ use crate::decisionlog::{DecisionLog, Entry};
 use crate::record::{CallRecord, Direction, PolicyResult};
 use crate::reject::Rejection;
 use crate::route::{resolve, upstream_path, UpstreamState};
+use crate::spend::Spend;
 use crate::state::{Snapshot, Store};
 use crate::usage::UsageReader;
 use async_trait::async_trait;
@@ -35,6 +36,8 @@ pub struct MeshProxy {
     pub access_log: Arc<AccessLog>,
     pub decision_log: Arc<DecisionLog>,
     pub policy_counters: Arc<PolicyCounters>,
+    /// The local agent's LLM spend in the budget window.
+    pub spend: Arc<Spend>,
 }
 
 /// Largest body read before connecting upstream: pingora replays a body it has read only from its
@@ -215,6 +218,12 @@ impl MeshProxy {
             path: req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
             headers: &req.headers,
             time: decide::now_rfc3339(),
+            budget: (self.direction == Direction::Outbound).then(|| {
+                agentmesh_policy::input::Budget {
+                    spent_usd: self.spend.current(),
+                    window: humantime::format_duration(self.spend.window()).to_string(),
+                }
+            }),
         };
         let inputs = decide::inputs(rec, &facts);
         let out = decide::decide(
@@ -583,6 +592,15 @@ impl ProxyHttp for MeshProxy {
                 if let Some(l) = r.llm.as_mut() {
                     l.usage = u.usage;
                     l.response_model = u.response_model.clone();
+                    let snap = self.store.snapshot();
+                    let model = l.response_model.as_deref().or(l.model.as_deref());
+                    if let Some(price) = model.and_then(|m| snap.prices.price(&l.provider, m)) {
+                        let usd = crate::cost::cost(price, l.api, &l.usage);
+                        l.cost_usd = Some(usd);
+                        if self.direction == Direction::Outbound {
+                            self.spend.add(usd);
+                        }
+                    }
                 }
             }
         }

@@ -127,6 +127,9 @@ pub struct LlmCall {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response_model: Option<String>,
     pub usage: Usage,
+    /// USD, from the usage and the price table; absent when the model has no price.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
 }
 
 /// Token usage read off the response.

@@ -9,6 +9,7 @@ use crate::decisionlog::DecisionLog;
 use crate::proxy::MeshProxy;
 use crate::record::Direction;
 use crate::reload::Reloader;
+use crate::spend::Spend;
 use crate::state::{Desired, Store};
 use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::ServerConf;
@@ -73,6 +74,7 @@ pub fn build(desired: Desired, opts: &RunOptions) -> anyhow::Result<Server> {
         tracing::warn!("no `policy.path` in the config: every call will be denied");
     }
     let store = Store::new(desired, &opts.config_path.display().to_string());
+    let spend = Arc::new(Spend::new(store.snapshot().config.policy.budget_window));
     let policy_counters = Arc::new(PolicyCounters::default());
     let access_log = Arc::new(AccessLog::open(&opts.access_log, opts.access_log_format)?);
     let decision_log = Arc::new(DecisionLog::open(&opts.decision_log)?);
@@ -86,6 +88,7 @@ pub fn build(desired: Desired, opts: &RunOptions) -> anyhow::Result<Server> {
         access_log: access_log.clone(),
         decision_log: decision_log.clone(),
         policy_counters: policy_counters.clone(),
+        spend: spend.clone(),
     };
     let mut outbound = ProxyServiceBuilder::new(&conf, proxy(Direction::Outbound))
         .name("outbound")

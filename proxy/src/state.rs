@@ -4,6 +4,7 @@
 //! today, the control-plane client will feed the same `apply` (design §5).
 
 use crate::config::{Config, ConfigError, UpstreamConfig};
+use crate::cost::PriceTable;
 use crate::route::UpstreamState;
 use agentmesh_policy::{Policy, PolicyError};
 use arc_swap::ArcSwap;
@@ -17,6 +18,7 @@ use std::time::SystemTime;
 pub struct Desired {
     pub config: Config,
     pub policy: Option<Arc<Policy>>,
+    pub prices: Arc<PriceTable>,
 }
 
 /// Why a config or its policy could not be loaded.
@@ -24,6 +26,8 @@ pub struct Desired {
 pub enum LoadError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("pricing.file {path}: {message}")]
+    Prices { path: String, message: String },
     #[error("policy {path}: {source}")]
     Policy {
         path: String,
@@ -56,12 +60,24 @@ impl Desired {
                 Some(Arc::new(policy))
             }
         };
-        Ok(Desired { config, policy })
+        let prices = match &config.pricing.file {
+            None => PriceTable::builtin(),
+            Some(p) => PriceTable::load(p).map_err(|message| LoadError::Prices {
+                path: p.display().to_string(),
+                message,
+            })?,
+        };
+        Ok(Desired {
+            config,
+            policy,
+            prices: Arc::new(prices),
+        })
     }
 
     /// Whether installing this would change nothing.
     pub fn same_as(&self, snap: &Snapshot) -> bool {
         self.config == snap.config
+            && self.prices == snap.prices
             && self.policy.as_ref().map(|p| p.revision())
                 == snap.policy.as_ref().map(|p| p.revision())
     }
@@ -73,6 +89,7 @@ pub struct Snapshot {
     pub config: Config,
     /// The compiled policy; `None` denies every call.
     pub policy: Option<Arc<Policy>>,
+    pub prices: Arc<PriceTable>,
     pub version: u64,
     pub upstreams: HashMap<String, Arc<UpstreamState>>,
     /// The local agent's server, as an upstream for the inbound listener.
@@ -155,7 +172,11 @@ impl Store {
 }
 
 fn build(desired: Desired, version: u64, old: Option<&Snapshot>) -> Snapshot {
-    let Desired { config, policy } = desired;
+    let Desired {
+        config,
+        policy,
+        prices,
+    } = desired;
     let keep = |c: &UpstreamConfig, prev: Option<&Arc<UpstreamState>>| match prev {
         Some(p) if p.config == *c => p.clone(),
         _ => UpstreamState::new(c.clone()),
@@ -193,6 +214,7 @@ fn build(desired: Desired, version: u64, old: Option<&Snapshot>) -> Snapshot {
     Snapshot {
         config,
         policy,
+        prices,
         version,
         upstreams,
         inbound,

@@ -463,3 +463,42 @@ async fn an_opa_bundle_is_a_policy_and_its_replacement_applies_live() {
     assert_eq!(d["policy"]["revision"], "r2");
     assert_eq!(post(&url, &[], &chat("gpt-4.1")).await.0, 200);
 }
+
+#[tokio::test]
+async fn spend_read_off_responses_feeds_the_budget_policy() {
+    let budget = r#"
+package agentmesh.authz
+import rego.v1
+default decision := {"allow": true}
+decision := {"allow": false, "status": 429, "reason": sprintf("daily budget spent: $%v of $0.01", [input.budget.spent_usd])} if {
+	input.destination.kind == "llm"
+	input.budget.spent_usd >= 0.01
+}
+"#;
+    let dir = Scratch::new("policy-budget");
+    std::fs::create_dir_all(dir.path("policy")).unwrap();
+    std::fs::write(dir.path("policy/authz.rego"), budget).unwrap();
+    // A price table in LiteLLM's format, dear enough that one call spends the budget.
+    std::fs::write(
+        dir.path("prices.json"),
+        r#"{"gpt-4o-mini": {"input_cost_per_token": 0.001, "output_cost_per_token": 0.002, "litellm_provider": "openai", "mode": "chat"}}"#,
+    )
+    .unwrap();
+    let llm = Fixture::mock_llm(&dir, &[]).await;
+    let body = format!(
+        "upstreams:\n  - {{name: llm/openai, endpoints: [\"{}\"]}}\npolicy: {{path: policy}}\npricing: {{file: prices.json}}\n",
+        llm.url("")
+    );
+    let sc = Sidecar::start(&dir, &body).await;
+    let url = sc.url("/llm/openai/v1/chat/completions");
+    let (s, v) = post(&url, &[], &chat("gpt-4o-mini")).await;
+    assert_eq!(s, 200, "{v}");
+    // The mock's usage: 1 word + 4 per message in, 4 words out: 5 × $0.001 + 4 × $0.002.
+    let calls = sc.wait_calls(1).await;
+    let cost = calls[0]["llm"]["cost_usd"].as_f64().unwrap();
+    assert!((cost - 0.013).abs() < 1e-9, "{cost}");
+    let (s, v) = post(&url, &[], &chat("gpt-4o-mini")).await;
+    assert_eq!(s, 429, "{v}");
+    assert_eq!(v["error"]["message"], "daily budget spent: $0.013 of $0.01");
+    assert_eq!(llm.requests().await, 1);
+}

@@ -7,6 +7,9 @@
 #   pingora      → the smallest pingora proxy (tests/src/bin/pingora-floor.rs): the framework's floor
 # for a 200 B and a 4 KB response, and reports p50/p99 and the latency added over direct.
 # Usage: scripts/bench.sh [RATE] [DURATION] [ROUNDS]   (defaults 1000 req/s, 30s per target, 30 rounds)
+# BENCH_SET=proxy (default): the sidecar's llm/ and http/ routes under an allow-all policy.
+# BENCH_SET=policy: the llm/ route under no-op, demo and library policies (interpreter, bytecode,
+#   cached). BENCH_SIZES="small large" (default) picks the answers measured.
 # Targets are measured in turn, round after round, and each is compared with nginx round by round
 # (median per-round difference and a sign test), since one run's p99 moves by ~0.1 ms.
 # BENCH_CPUS=isolated (default): the load generator and the upstream run on CPU 0, each proxy
@@ -30,7 +33,7 @@ W=$(mktemp -d); pids=()
 cleanup() { for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
 trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UP=$(port); NG=$(port); OUT=$(port); ADM=$(port); PF=$(port)
+UP=$(port); NG=$(port); PF=$(port)
 
 # An OpenAI-shaped answer with usage, padded to the size asked.
 answer() {
@@ -66,35 +69,73 @@ NGINX_CONF
 nginx_conf upstream "$WORKERS" "server { listen 127.0.0.1:$UP; default_type application/json; location / { root $W/www; error_page 405 =200 \$uri; } }"
 nginx_conf proxy "$WORKERS" "upstream up { server 127.0.0.1:$UP; keepalive 64; }
   server { listen 127.0.0.1:$NG; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
-cat > "$W/sidecar.yaml" <<SIDECAR_CONF
-agent: {name: bench}
-listeners: {outbound: "127.0.0.1:$OUT", admin: "127.0.0.1:$ADM"}
+# A sidecar for agent `planner` (the policy library's example manifest grants it llm/openai and
+# gpt-4o-mini), under the policy section given; prints its outbound port.
+sidecars=()
+sidecar() { # name policy-yaml
+  local out adm; out=$(port); adm=$(port)
+  cat > "$W/$1.yaml" <<SIDECAR_CONF
+agent: {name: planner}
+listeners: {outbound: "127.0.0.1:$out", admin: "127.0.0.1:$adm"}
 upstreams:
-  - {name: llm/bench, api: openai, endpoints: ["http://127.0.0.1:$UP"]}
+  - {name: llm/openai, endpoints: ["http://127.0.0.1:$UP"]}
   - {name: http/bench, endpoints: ["http://127.0.0.1:$UP"]}
+policy: $2
 SIDECAR_CONF
+  $PROXY target/release/agentmesh-proxy --config "$W/$1.yaml" --access-log off --threads "$WORKERS" 2>"$W/$1.log" &
+  pids+=($!); sidecars+=("$1:$!:$adm:$out")
+}
+ALLOW_ALL="{path: $PWD/tests/fixtures/policy-allow-all}"
+LIBRARY="$PWD/policies"
+targets=()
+case "${BENCH_SET:-proxy}" in
+  proxy) # the data plane: policy reduced to its floor (decision := true)
+    sidecar sidecar "$ALLOW_ALL"
+    targets=("sidecar-llm=llm/openai" "sidecar-http=http/bench") ;;
+  policy) # the same llm/ route under each policy
+    sidecar allow-all "$ALLOW_ALL"
+    sidecar demo "{path: $PWD/examples/local/policy}"
+    sidecar library "{path: $LIBRARY}"
+    sidecar library-bytecode "{path: $LIBRARY, engine: bytecode}"
+    sidecar library-cached "{path: $LIBRARY, cache: {ttl: 60s, ignore: [/input/budget]}}"
+    targets=("allow-all=llm/openai" "demo=llm/openai" "library=llm/openai" "library-bytecode=llm/openai" "library-cached=llm/openai") ;;
+  *) echo "bench: BENCH_SET is proxy or policy"; exit 1 ;;
+esac
 $LOAD "$NGINX" -c "$W/upstream.conf" & pids+=($!)
 $PROXY "$NGINX" -c "$W/proxy.conf" & pids+=($!)
-$PROXY target/release/agentmesh-proxy --config "$W/sidecar.yaml" --access-log off --threads "$WORKERS" 2>"$W/sidecar.log" & pids+=($!)
-SIDECAR=$!
 $PROXY target/release/pingora-floor "127.0.0.1:$PF" "127.0.0.1:$UP" "$WORKERS" 2>"$W/floor.log" & pids+=($!)
 up=0
 for _ in $(seq 1 100); do
-  if curl -fs "http://127.0.0.1:$ADM/readyz" >/dev/null 2>&1 && curl -fs -X POST "http://127.0.0.1:$NG/small" >/dev/null 2>&1 \
+  ok=1
+  for s in "${sidecars[@]}"; do curl -fs "http://127.0.0.1:$(echo "$s" | cut -d: -f3)/readyz" >/dev/null 2>&1 || ok=0; done
+  if [ $ok = 1 ] && curl -fs -X POST "http://127.0.0.1:$NG/small" >/dev/null 2>&1 \
      && curl -fs -X POST "http://127.0.0.1:$PF/small" >/dev/null 2>&1; then up=1; break; fi
   sleep 0.1
 done
-[ "$up" = 1 ] || { echo "bench: nginx or the sidecar did not start"; cat "$W"/*.log; exit 1; }
+[ "$up" = 1 ] || { echo "bench: nginx or a sidecar did not start"; cat "$W"/*.log; exit 1; }
+# name=URL for each sidecar target (`target=route`: the route on the sidecar of that name, or of
+# the only sidecar).
+urls() { # size
+  for t in "${targets[@]}"; do
+    name=${t%%=*}; route=${t#*=}
+    s=$(printf '%s\n' "${sidecars[@]}" | grep "^$name:" || printf '%s\n' "${sidecars[@]}" | head -1)
+    echo "$name=http://127.0.0.1:$(echo "$s" | cut -d: -f4)/$route/$1"
+  done
+}
 
 echo "# $(date -u +%FT%TZ), $(nproc) cores, CPUs $CPUS, proxies with $WORKERS worker(s), $RATE req/s, $DURATION per target in $ROUNDS rounds (after 2s warm-up)"
-for size in small large; do
+SIZES=${BENCH_SIZES:-small large}
+for size in $SIZES; do
   bytes=$(wc -c < "$W/www/$size")
   echo; echo "## response $bytes bytes, request $(wc -c < "$W/req.json") bytes"
+  # shellcheck disable=SC2046
   $LOAD target/release/meshbench --rate "$RATE" --duration "$DURATION" --rounds "$ROUNDS" --compare nginx --body-file "$W/req.json" \
     "direct=http://127.0.0.1:$UP/$size" \
     "nginx=http://127.0.0.1:$NG/$size" \
-    "sidecar-llm=http://127.0.0.1:$OUT/llm/bench/$size" \
-    "sidecar-http=http://127.0.0.1:$OUT/http/bench/$size" \
+    $(urls "$size") \
     "pingora=http://127.0.0.1:$PF/$size"
 done
-echo; echo "sidecar memory after the run: $(grep -E 'VmRSS|VmHWM' /proc/$SIDECAR/status | tr -s ' \t' ' ' | paste -sd ',')"
+echo
+for s in "${sidecars[@]}"; do
+  echo "sidecar $(echo "$s" | cut -d: -f1) memory after the run: $(grep -E 'VmRSS|VmHWM' /proc/$(echo "$s" | cut -d: -f2)/status | tr -s ' \t' ' ' | paste -sd ',')"
+done

@@ -91,6 +91,10 @@ pub struct PolicyCache {
     pub ttl: Duration,
     #[serde(default = "default_cache_entries")]
     pub max_entries: u64,
+    /// Input paths left out of the cache key (e.g. `/input/budget`, which changes with every
+    /// LLM call): decisions are reused while they change.
+    #[serde(default)]
+    pub ignore: Vec<String>,
 }
 
 fn default_cache_entries() -> u64 {
@@ -388,10 +392,17 @@ impl Config {
                 format!("`{d}` is not a rule path like `data.agentmesh.authz.decision`"),
             ));
         }
-        for (i, m) in self.policy.decision_log_mask.iter().enumerate() {
+        let ignored = self.policy.cache.iter().flat_map(|c| &c.ignore);
+        let paths = self
+            .policy
+            .decision_log_mask
+            .iter()
+            .map(|m| ("policy.decision_log_mask", m))
+            .chain(ignored.map(|m| ("policy.cache.ignore", m)));
+        for (field, m) in paths {
             if !m.starts_with("/input/") {
                 return Err(invalid(
-                    format!("policy.decision_log_mask[{i}]"),
+                    field.into(),
                     format!("`{m}` is not an input path like `/input/mcp/arguments`"),
                 ));
             }

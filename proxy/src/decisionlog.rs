@@ -77,24 +77,11 @@ fn render(input: &Input, eval: &Evaluation, e: &Entry) -> Value {
 
 /// Removes each `/input/...` path present in `input`; returns the paths removed.
 fn mask(input: &mut Value, paths: &[String]) -> Vec<String> {
-    let mut erased = Vec::new();
-    for p in paths {
-        let Some(rest) = p.strip_prefix("/input") else {
-            continue;
-        };
-        let Some((parent, key)) = rest.rsplit_once('/') else {
-            continue;
-        };
-        let removed = input
-            .pointer_mut(parent)
-            .and_then(Value::as_object_mut)
-            .and_then(|o| o.remove(key))
-            .is_some();
-        if removed {
-            erased.push(p.clone());
-        }
-    }
-    erased
+    paths
+        .iter()
+        .filter(|p| agentmesh_policy::engine::remove_input_path(input, p))
+        .cloned()
+        .collect()
 }
 
 #[cfg(test)]

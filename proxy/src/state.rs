@@ -55,7 +55,7 @@ impl Desired {
                     Policy::compile(&sources, &config.policy.decision, config.policy.engine)
                         .map_err(err)?;
                 if let Some(c) = &config.policy.cache {
-                    policy = policy.with_cache(c.ttl, c.max_entries);
+                    policy = policy.with_cache(c.ttl, c.max_entries, &c.ignore);
                 }
                 Some(Arc::new(policy))
             }

@@ -30,12 +30,18 @@ pub enum EngineKind {
 /// One policy revision, ready to decide. Cheap to share: clone the `Arc` it lives in.
 #[derive(Debug)]
 pub struct Policy {
+    /// Unique per compiled revision: the key of each thread's engine (see `on_interpreter`).
+    id: u64,
+    /// A prepared interpreter engine, cloned once per worker thread.
+    template: std::sync::Mutex<regorus::Engine>,
     compiled: regorus::CompiledPolicy,
     /// The bytecode, when the bytecode engine was asked for.
     program: Option<Arc<Program>>,
     data: regorus::Value,
     /// Decisions by input document (without `time`), when the policy opted in.
     cache: Option<moka::sync::Cache<String, Decision>>,
+    /// Input paths (`/input/budget`) left out of the cache key.
+    cache_ignore: Vec<String>,
     decision_path: String,
     revision: String,
     modules: Vec<String>,
@@ -72,11 +78,15 @@ impl Policy {
                 })?,
             ),
         };
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(Policy {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            template: std::sync::Mutex::new(engine),
             compiled,
             program,
             data: data_value(sources)?,
             cache: None,
+            cache_ignore: Vec::new(),
             decision_path: decision_path.to_string(),
             revision: sources.revision.clone(),
             modules: sources.modules.iter().map(|(p, _)| p.clone()).collect(),
@@ -98,8 +108,11 @@ impl Policy {
 
     /// Turns on the decision cache: a decision is reused for an identical input document for
     /// `ttl`. With it, `input.time` is left out of the document (it would make every input
-    /// unique), so a cached policy must not read it. Evaluation errors are never cached.
-    pub fn with_cache(mut self, ttl: Duration, max_entries: u64) -> Self {
+    /// unique), so a cached policy must not read it. `ignore` lists input paths
+    /// (`/input/budget`) left out of the key only: a decision is reused while they change.
+    /// Evaluation errors are never cached.
+    pub fn with_cache(mut self, ttl: Duration, max_entries: u64, ignore: &[String]) -> Self {
+        self.cache_ignore = ignore.to_vec();
         self.cache = Some(
             moka::sync::Cache::builder()
                 .time_to_live(ttl)
@@ -117,11 +130,21 @@ impl Policy {
             return self.decide_json(&json);
         };
         let json = without_time(input)?;
-        if let Some(d) = cache.get(&json) {
+        let key = if self.cache_ignore.is_empty() {
+            json.clone()
+        } else {
+            let mut v: serde_json::Value =
+                serde_json::from_str(&json).map_err(|e| PolicyError::Eval(e.to_string()))?;
+            for path in &self.cache_ignore {
+                remove_input_path(&mut v, path);
+            }
+            v.to_string()
+        };
+        if let Some(d) = cache.get(&key) {
             return Ok(d);
         }
         let d = self.decide_json(&json)?;
-        cache.insert(json, d.clone());
+        cache.insert(key, d.clone());
         Ok(d)
     }
 
@@ -136,10 +159,7 @@ impl Policy {
             .map_err(|e| PolicyError::Eval(format!("input: {e}")))?;
         let value = match &self.program {
             Some(program) => self.run_vm(program, input),
-            None => self
-                .compiled
-                .eval_with_input(input)
-                .map_err(|e| e.to_string()),
+            None => self.on_interpreter(input),
         }
         .map_err(|e| PolicyError::Eval(one_line(&e)))?;
         to_decision(&value, &self.decision_path)
@@ -160,6 +180,21 @@ fn without_time(input: &Input) -> Result<String, PolicyError> {
     }
 }
 
+/// Removes `/input/...` from an input document; whether it was there.
+pub fn remove_input_path(input: &mut serde_json::Value, path: &str) -> bool {
+    let Some((parent, key)) = path
+        .strip_prefix("/input")
+        .and_then(|rest| rest.rsplit_once('/'))
+    else {
+        return false;
+    };
+    input
+        .pointer_mut(parent)
+        .and_then(serde_json::Value::as_object_mut)
+        .and_then(|o| o.remove(key))
+        .is_some()
+}
+
 /// Reads the decision rule's value; undefined is a deny.
 fn to_decision(value: &regorus::Value, path: &str) -> Result<Decision, PolicyError> {
     if *value == regorus::Value::Undefined {
@@ -175,7 +210,43 @@ fn to_decision(value: &regorus::Value, path: &str) -> Result<Decision, PolicyErr
     Decision::from_json(&v)
 }
 
+thread_local! {
+    /// Each worker thread's prepared interpreter engines, by policy id (the newest few).
+    static ENGINES: std::cell::RefCell<Vec<(u64, regorus::Engine)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Policies whose engines a thread keeps (the running one and the one just replaced).
+const ENGINES_PER_THREAD: usize = 2;
+
 impl Policy {
+    /// Evaluates on this thread's clone of the prepared engine: no per-call engine setup.
+    fn on_interpreter(&self, input: regorus::Value) -> Result<regorus::Value, String> {
+        ENGINES.with(|cell| {
+            let mut engines = cell.borrow_mut();
+            let i = match engines.iter().position(|(id, _)| *id == self.id) {
+                Some(i) => i,
+                None => {
+                    let e = self
+                        .template
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    if engines.len() >= ENGINES_PER_THREAD {
+                        engines.remove(0);
+                    }
+                    engines.push((self.id, e));
+                    engines.len() - 1
+                }
+            };
+            let engine = &mut engines[i].1;
+            engine.set_input(input);
+            engine
+                .eval_rule(self.decision_path.clone())
+                .map_err(|e| e.to_string())
+        })
+    }
+
     fn run_vm(
         &self,
         program: &Arc<Program>,
@@ -404,7 +475,7 @@ decision := {"allow": true, "headers": {"x-policy": "models"}} if {
             EngineKind::Interpreter,
         )
         .unwrap()
-        .with_cache(Duration::from_secs(60), 100);
+        .with_cache(Duration::from_secs(60), 100, &[]);
         let mut a = llm_input("planner", "gpt-4o-mini");
         assert!(p.decide(&a).unwrap().allow);
         a.time = "2030-01-01T00:00:00Z".into();
@@ -420,6 +491,25 @@ decision := {"allow": true, "headers": {"x-policy": "models"}} if {
             .unwrap()
             .insert(without_time(&a).unwrap(), Decision::deny("cached"));
         assert_eq!(p.decide(&a).unwrap().reason.as_deref(), Some("cached"));
+
+        // Ignored paths do not make a new key: the budget changes, the decision is reused.
+        let p = Policy::compile(
+            &sources(MODELS),
+            DEFAULT_DECISION_PATH,
+            EngineKind::Interpreter,
+        )
+        .unwrap()
+        .with_cache(Duration::from_secs(60), 100, &["/input/budget".into()]);
+        for spent in [1.0, 2.0, 3.0] {
+            let mut i = llm_input("planner", "gpt-4o-mini");
+            i.budget = Some(crate::input::Budget {
+                spent_usd: spent,
+                window: "24h".into(),
+            });
+            assert!(p.decide(&i).unwrap().allow);
+        }
+        p.cache.as_ref().unwrap().run_pending_tasks();
+        assert_eq!(p.cache_entries(), Some(1));
     }
 
     #[test]

@@ -87,7 +87,7 @@ fn main() -> anyhow::Result<()> {
         for cached in [false, true] {
             let mut policy = Policy::compile(&sources, DEFAULT_DECISION_PATH, kind)?;
             if cached {
-                policy = policy.with_cache(std::time::Duration::from_secs(60), 10_000);
+                policy = policy.with_cache(std::time::Duration::from_secs(60), 10_000, &[]);
             }
             println!(
                 "\npolicy {} ({} modules), {kind:?} engine, cache {}, {} evaluations per input",

@@ -14,6 +14,18 @@ fn agentmesh(args: &[&str]) -> Output {
         .expect("run agentmesh")
 }
 
+/// `agentmesh policy eval` of an input file against the policy library.
+fn eval_library(input: &Path) -> Output {
+    agentmesh(&[
+        "policy",
+        "eval",
+        "-p",
+        "policies",
+        "-i",
+        input.to_str().unwrap(),
+    ])
+}
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -98,14 +110,7 @@ fn eval_shows_the_decision_and_the_rules_that_fired() {
             "time":"2026-12-01T00:00:00Z"}"#,
     )
     .unwrap();
-    let out = agentmesh(&[
-        "policy",
-        "eval",
-        "-p",
-        "policies",
-        "-i",
-        input.to_str().unwrap(),
-    ]);
+    let out = eval_library(&input);
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(3), "deny exits 3: {text}");
     assert!(text.contains("=> deny (403)"), "{text}");
@@ -116,14 +121,7 @@ fn eval_shows_the_decision_and_the_rules_that_fired() {
     assert!(text.contains("  denials = ["), "{text}");
     // An input field the document does not have is a mistake worth hearing about.
     std::fs::write(&input, r#"{"version":1,"sauce":{}}"#).unwrap();
-    let out = agentmesh(&[
-        "policy",
-        "eval",
-        "-p",
-        "policies",
-        "-i",
-        input.to_str().unwrap(),
-    ]);
+    let out = eval_library(&input);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a policy input document"));
 }

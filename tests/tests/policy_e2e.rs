@@ -74,6 +74,16 @@ async fn post(url: &str, headers: &[(&str, &str)], body: &Value) -> (u16, Value)
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// An OpenAI chat completion through the sidecar's `llm/openai`.
+async fn chat_call(sc: &Sidecar, model: &str) -> (u16, Value) {
+    post(
+        &sc.url("/llm/openai/v1/chat/completions"),
+        &[],
+        &chat(model),
+    )
+    .await
+}
+
 fn chat(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "ping"}]})
 }
@@ -106,31 +116,16 @@ async fn allows_and_denies_each_kind_before_the_upstream_sees_the_call() {
     let m = mesh("policy-kinds", POLICY, "policy: {path: \"{DIR}\"}", "").await;
     let sc = &m.sc;
 
-    let (s, v) = post(
-        &sc.url("/llm/openai/v1/chat/completions"),
-        &[],
-        &chat("gpt-4o-mini"),
-    )
-    .await;
+    let (s, v) = chat_call(sc, "gpt-4o-mini").await;
     assert_eq!(s, 200, "{v}");
     let before = m.llm.requests().await;
-    let (s, v) = post(
-        &sc.url("/llm/openai/v1/chat/completions"),
-        &[],
-        &chat("gpt-4.1"),
-    )
-    .await;
+    let (s, v) = chat_call(sc, "gpt-4.1").await;
     assert_eq!(s, 403);
     assert_eq!(v["error"]["type"], "policy_denied");
     assert_eq!(v["error"]["message"], "default deny");
     assert_eq!(v["error"]["upstream"], "llm/openai");
     // The policy's own status and reason.
-    let (s, v) = post(
-        &sc.url("/llm/openai/v1/chat/completions"),
-        &[],
-        &chat("gpt-5"),
-    )
-    .await;
+    let (s, v) = chat_call(sc, "gpt-5").await;
     assert_eq!(s, 429);
     assert_eq!(v["error"]["message"], "model \"gpt-5\" is over budget");
     assert_eq!(
@@ -214,12 +209,7 @@ async fn without_a_policy_every_call_is_denied() {
         llm.url("")
     );
     let sc = Sidecar::start(&dir, &body).await;
-    let (s, v) = post(
-        &sc.url("/llm/openai/v1/chat/completions"),
-        &[],
-        &chat("gpt-4o-mini"),
-    )
-    .await;
+    let (s, v) = chat_call(&sc, "gpt-4o-mini").await;
     assert_eq!(s, 403);
     assert!(
         v["error"]["message"]
@@ -240,12 +230,7 @@ async fn audit_mode_logs_denies_without_enforcing_them() {
         "",
     )
     .await;
-    let (s, _) = post(
-        &m.sc.url("/llm/openai/v1/chat/completions"),
-        &[],
-        &chat("gpt-4.1"),
-    )
-    .await;
+    let (s, _) = chat_call(&m.sc, "gpt-4.1").await;
     assert_eq!(s, 200, "audit mode forwards the denied call");
     let calls = m.sc.wait_calls(1).await;
     assert_eq!(calls[0]["decision"]["allow"], false);
@@ -280,12 +265,7 @@ decision := false if input.destination.kind == "http"
     .unwrap();
     m.sc.wait_dump(|d| d["status"]["reloads_ok"].as_u64() >= Some(1))
         .await;
-    let (s, v) = post(
-        &m.sc.url("/llm/openai/v1/chat/completions"),
-        &[],
-        &chat("gpt-4o-mini"),
-    )
-    .await;
+    let (s, v) = chat_call(&m.sc, "gpt-4o-mini").await;
     assert_eq!(s, 403, "{v}");
     assert!(v["error"]["message"]
         .as_str()

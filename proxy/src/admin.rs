@@ -138,6 +138,8 @@ impl ServeHttp for Admin {
                     "access_log": self.access_log.counters(),
                     "policy": self.policy_counters.snapshot(),
                     "decision_log": self.decision_log.counters(),
+                    // Reloads of the config and its policy: rejected ones kept the last good.
+                    "reloads": self.store.status(),
                 }),
             ),
             _ => json_response(

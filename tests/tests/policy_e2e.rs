@@ -305,6 +305,7 @@ async fn policy_changes_apply_live_and_a_broken_policy_is_rejected() {
             .await;
     let err = d["status"]["last_error"].as_str().unwrap().to_string();
     assert!(err.contains("extra.rego:4:1:"), "{err}");
+    assert!(stats(&m.sc).await["reloads"]["reloads_rejected"].as_u64() >= Some(1));
     assert_eq!(d["policy"]["revision"], rev1);
     assert_eq!(post(&url, &[], &chat("gpt-4.1")).await.0, 200);
     assert_eq!(post(&url, &[], &chat("o3")).await.0, 403);

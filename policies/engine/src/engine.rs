@@ -125,9 +125,10 @@ impl Policy {
     /// Evaluates the decision rule on `input`. An undefined decision is a deny.
     pub fn decide(&self, input: &Input) -> Result<Decision, PolicyError> {
         let Some(cache) = &self.cache else {
-            let json =
-                serde_json::to_string(input).map_err(|e| PolicyError::Eval(e.to_string()))?;
-            return self.decide_json(&json);
+            let tree = serde_json::to_value(input).map_err(|e| PolicyError::Eval(e.to_string()))?;
+            let value: regorus::Value =
+                serde_json::from_value(tree).map_err(|e| PolicyError::Eval(e.to_string()))?;
+            return self.decide_value(value);
         };
         let json = without_time(input)?;
         let key = if self.cache_ignore.is_empty() {
@@ -157,6 +158,10 @@ impl Policy {
     pub fn decide_json(&self, input_json: &str) -> Result<Decision, PolicyError> {
         let input = regorus::Value::from_json_str(input_json)
             .map_err(|e| PolicyError::Eval(format!("input: {e}")))?;
+        self.decide_value(input)
+    }
+
+    fn decide_value(&self, input: regorus::Value) -> Result<Decision, PolicyError> {
         let value = match &self.program {
             Some(program) => self.run_vm(program, input),
             None => self.on_interpreter(input),
@@ -202,11 +207,7 @@ fn to_decision(value: &regorus::Value, path: &str) -> Result<Decision, PolicyErr
             "no rule of `{path}` decided this call"
         )));
     }
-    let json = value
-        .to_json_str()
-        .map_err(|e| PolicyError::Eval(e.to_string()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&json).map_err(|e| PolicyError::Eval(e.to_string()))?;
+    let v = serde_json::to_value(value).map_err(|e| PolicyError::Eval(e.to_string()))?;
     Decision::from_json(&v)
 }
 

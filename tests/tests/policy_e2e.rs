@@ -483,3 +483,28 @@ decision := {"allow": false, "status": 429, "reason": sprintf("daily budget spen
     assert_eq!(v["error"]["message"], "daily budget spent: $0.013 of $0.01");
     assert_eq!(llm.requests().await, 1);
 }
+
+#[tokio::test]
+async fn the_bytecode_engine_and_the_decision_cache_are_configured_per_policy() {
+    let m = mesh(
+        "policy-cache",
+        POLICY,
+        "policy: {path: \"{DIR}\", engine: bytecode, cache: {ttl: 60s, ignore: [/input/budget]}}",
+        "",
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(chat_call(&m.sc, "gpt-4o-mini").await.0, 200);
+        assert_eq!(chat_call(&m.sc, "gpt-4.1").await.0, 403);
+    }
+    let d = m.sc.config_dump().await;
+    assert_eq!(d["policy"]["engine"], "bytecode");
+    // Six calls, two distinct inputs (the spend changed between them, but it is ignored).
+    let cached =
+        m.sc.wait_dump(|d| d["policy"]["cached_decisions"].as_u64() == Some(2))
+            .await;
+    assert_eq!(cached["policy"]["cached_decisions"], 2);
+    let st = stats(&m.sc).await;
+    assert_eq!(st["policy"]["allowed"], 3);
+    assert_eq!(st["policy"]["denied"], 3);
+}

@@ -151,7 +151,11 @@ impl Policy {
 
     /// Decisions held in the cache, if it is on.
     pub fn cache_entries(&self) -> Option<u64> {
-        self.cache.as_ref().map(|c| c.entry_count())
+        self.cache.as_ref().map(|c| {
+            // moka counts lazily; settle pending inserts first (admin path, not per call).
+            c.run_pending_tasks();
+            c.entry_count()
+        })
     }
 
     /// Evaluates the decision rule on an input given as JSON text.

@@ -220,7 +220,9 @@ impl MeshProxy {
             time: decide::now_rfc3339(),
             budget: (self.direction == Direction::Outbound).then(|| {
                 agentmesh_policy::input::Budget {
-                    spent_usd: self.spend.current(),
+                    // To the micro-dollar: sums of float prices carry binary noise
+                    // (0.005 + 0.008 = 0.013000000000000001) that reasons would print.
+                    spent_usd: (self.spend.current() * 1e6).round() / 1e6,
                     window: humantime::format_duration(self.spend.window()).to_string(),
                 }
             }),

@@ -260,6 +260,9 @@ impl Policy {
         let mut vm = RegoVM::new_with_policy(self.compiled.clone());
         vm.load_program(program.clone());
         vm.set_execution_timer_config(Some(timer(EVAL_LIMIT)));
+        // The VM's own default stops after 25,000 instructions, which a policy looping over a
+        // few thousand data entries exceeds; the time limit is the bound that matters here.
+        vm.set_max_instructions(usize::MAX);
         vm.set_data(self.data.clone()).map_err(|e| e.to_string())?;
         vm.set_input(input);
         vm.execute().map_err(|e| e.to_string())
@@ -515,6 +518,20 @@ decision := {"allow": true, "headers": {"x-policy": "models"}} if {
         }
         p.cache.as_ref().unwrap().run_pending_tasks();
         assert_eq!(p.cache_entries(), Some(1));
+    }
+
+    #[test]
+    fn a_runaway_policy_is_stopped_at_the_time_limit() {
+        let rego = "package agentmesh.authz\nimport rego.v1\ndecision if {\n  n := count([1 | some i in numbers.range(1, 4000); some j in numbers.range(1, 4000)])\n  n > 0\n}\n";
+        for kind in [EngineKind::Interpreter, EngineKind::Bytecode] {
+            let p = Policy::compile(&sources(rego), DEFAULT_DECISION_PATH, kind).unwrap();
+            // 16 million iterations complete without error unless the time limit stops them.
+            let r = p.decide(&llm_input("planner", "x"));
+            assert!(
+                matches!(&r, Err(PolicyError::Eval(m)) if m.contains("time limit")),
+                "{kind:?}: {r:?}"
+            );
+        }
     }
 
     #[test]

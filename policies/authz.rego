@@ -16,17 +16,34 @@ import data.agentmesh.lib.models
 import data.agentmesh.lib.roles
 import data.agentmesh.lib.tools
 
+# Each module is consulted only for the calls it rules on, so a call pays for the checks that
+# concern it (the modules test the same conditions themselves; this only saves evaluating them).
 denials contains reason if some reason in manifest.deny
 
-denials contains reason if some reason in models.deny
+denials contains reason if {
+	input.destination.kind == "llm"
+	some reason in models.deny
+}
 
-denials contains reason if some reason in tools.deny
+denials contains reason if {
+	input.mcp.method == "tools/call"
+	some reason in tools.deny
+}
 
-denials contains reason if some reason in delegation.deny
+denials contains reason if {
+	input.destination.kind == "a2a"
+	some reason in delegation.deny
+}
 
-denials contains reason if some reason in roles.deny
+denials contains reason if {
+	data.required_roles[manifest.destination]
+	some reason in roles.deny
+}
 
-budget_denials contains reason if some reason in budget.deny
+budget_denials contains reason if {
+	input.destination.kind == "llm"
+	some reason in budget.deny
+}
 
 all_denials := denials | budget_denials
 

@@ -14,18 +14,14 @@ deny contains sprintf("agent %q may not delegate to %q", [input.source.agent, in
 	not input.destination.name in object.get(data.agents, [input.source.agent, "delegates_to"], [])
 }
 
-deny contains sprintf("delegation chain too deep: %d hops, at most %d", [depth, data.delegation.max_depth]) if {
+deny contains sprintf("delegation chain too deep: more than %d hops", [max]) if {
 	input.destination.kind == "a2a"
-	depth > data.delegation.max_depth
+	max := data.delegation.max_depth
+	# The actor one level beyond the limit exists: the chain is too long.
+	object.get(claims, acts(max + 1), null) != null
 }
 
 claims := object.get(input, ["user", "claims"], {})
 
-# The number of nested `act` claims in the caller's token (counted up to 16).
-depth := count([n |
-	some n in numbers.range(1, 16)
-	object.get(claims, acts(n), null) != null
-])
-
-# ["act", "act", ...], n times: the path to the n-th actor.
+# ["act", "act", ...], n times: the path to the n-th actor in the token's `act` chain.
 acts(n) := [k | some _ in numbers.range(1, n); k := "act"]

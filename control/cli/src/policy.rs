@@ -99,7 +99,8 @@ fn eval(dir: &std::path::Path, input: &std::path::Path, decision: &str) -> anyho
     let text = serde_json::to_string(&doc)?;
     let sources = load(dir)?;
     let policy = Policy::compile(&sources, decision, EngineKind::Interpreter)?;
-    let d = policy.decide_json(&text)?;
+    // The sidecar's own path from document to decision.
+    let d = policy.decide(&doc)?;
     println!("{}", serde_json::to_string_pretty(&d)?);
     if d.allow {
         println!("=> allow");

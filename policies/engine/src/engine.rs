@@ -158,8 +158,8 @@ impl Policy {
         })
     }
 
-    /// Evaluates the decision rule on an input given as JSON text.
-    pub fn decide_json(&self, input_json: &str) -> Result<Decision, PolicyError> {
+    /// Evaluates the decision rule on an input given as JSON text (the cached path's key).
+    fn decide_json(&self, input_json: &str) -> Result<Decision, PolicyError> {
         let input = regorus::Value::from_json_str(input_json)
             .map_err(|e| PolicyError::Eval(format!("input: {e}")))?;
         self.decide_value(input)
@@ -273,18 +273,6 @@ impl Policy {
             Some(_) => EngineKind::Bytecode,
             None => EngineKind::Interpreter,
         }
-    }
-
-    /// Evaluates on the interpreter whatever the engine: for checking that the two agree.
-    pub fn decide_on_interpreter(&self, input: &Input) -> Result<Decision, PolicyError> {
-        let json = serde_json::to_string(input).map_err(|e| PolicyError::Eval(e.to_string()))?;
-        let input = regorus::Value::from_json_str(&json)
-            .map_err(|e| PolicyError::Eval(format!("input: {e}")))?;
-        let value = self
-            .compiled
-            .eval_with_input(input)
-            .map_err(|e| PolicyError::Eval(one_line(&e.to_string())))?;
-        to_decision(&value, &self.decision_path)
     }
 }
 

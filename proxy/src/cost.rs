@@ -57,14 +57,12 @@ impl PriceTable {
     /// or without a date suffix (`gpt-4o-mini-2024-07-18` → `gpt-4o-mini`).
     pub fn price(&self, provider: &str, model: &str) -> Option<&Price> {
         let undated = strip_date(model);
-        [
-            model.to_string(),
-            format!("{provider}/{model}"),
-            undated.to_string(),
-            format!("{provider}/{undated}"),
-        ]
-        .iter()
-        .find_map(|k| self.models.get(k))
+        // Most lookups hit on the first key: build the others only when needed.
+        self.models
+            .get(model)
+            .or_else(|| self.models.get(&format!("{provider}/{model}")))
+            .or_else(|| self.models.get(undated))
+            .or_else(|| self.models.get(&format!("{provider}/{undated}")))
     }
 
     pub fn len(&self) -> usize {

@@ -101,3 +101,6 @@ fn main() {
         }
     }
 }
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

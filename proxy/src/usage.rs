@@ -4,6 +4,7 @@
 //! `message_start` and `message_delta`). The reader never holds bytes back from the client.
 
 use crate::record::Usage;
+use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
 /// Longest SSE line or JSON body we keep a copy of; larger ones are passed on unread.
@@ -109,8 +110,7 @@ impl UsageReader {
         if let Ok(d) = serde_json::from_slice::<UsageDoc>(bytes) {
             let holder = d.response.or(d.message).unwrap_or_default();
             let model = holder.model.or(d.model);
-            let usage = holder.usage.or(d.usage);
-            self.take(model.as_ref(), usage.as_ref());
+            self.take(model.as_ref(), holder.usage.or(d.usage));
         } else if let Ok(v) = serde_json::from_slice::<Value>(bytes) {
             self.apply(&v);
         }
@@ -124,34 +124,30 @@ impl UsageReader {
             .unwrap_or(v);
         let model = holder.get("model").or_else(|| v.get("model"));
         let usage = holder.get("usage").or_else(|| v.get("usage"));
-        self.take(model, usage);
+        self.take(model, usage.and_then(|u| Counts::deserialize(u).ok()));
     }
 
     /// Records the model (first seen wins) and whichever usage figures are present.
-    fn take(&mut self, model: Option<&Value>, usage: Option<&Value>) {
+    fn take(&mut self, model: Option<&Value>, usage: Option<Counts>) {
         if self.response_model.is_none() {
             self.response_model = model.and_then(Value::as_str).map(str::to_string);
         }
-        let Some(u) = usage.filter(|u| u.is_object()) else {
+        let Some(u) = usage else {
             return;
         };
-        let num = |ptrs: &[&str]| {
-            ptrs.iter()
-                .find_map(|p| u.pointer(p).and_then(Value::as_u64))
-        };
-        if let Some(n) = num(&["/prompt_tokens", "/input_tokens"]) {
+        if let Some(n) = u.prompt_tokens.or(u.input_tokens) {
             self.usage.input_tokens = n;
             self.seen = true;
         }
-        if let Some(n) = num(&["/completion_tokens", "/output_tokens"]) {
+        if let Some(n) = u.completion_tokens.or(u.output_tokens) {
             self.usage.output_tokens = n;
             self.seen = true;
         }
-        if let Some(n) = num(&[
-            "/prompt_tokens_details/cached_tokens",
-            "/input_tokens_details/cached_tokens",
-            "/cache_read_input_tokens",
-        ]) {
+        let details = |d: Option<Details>| d.and_then(|d| d.cached_tokens);
+        if let Some(n) = details(u.prompt_tokens_details)
+            .or(details(u.input_tokens_details))
+            .or(u.cache_read_input_tokens)
+        {
             self.usage.cached_input_tokens = n;
         }
     }
@@ -160,24 +156,57 @@ impl UsageReader {
 /// Where usage and model sit in the documents and events of the supported APIs: top level
 /// (OpenAI chat, Anthropic messages), under `response` (OpenAI Responses events) or `message`
 /// (Anthropic `message_start`). Other fields are skipped unread.
-#[derive(serde::Deserialize, Default)]
+#[derive(Deserialize, Default)]
 struct UsageDoc {
     #[serde(default)]
     model: Option<Value>,
     #[serde(default)]
-    usage: Option<Value>,
+    usage: Option<Counts>,
     #[serde(default)]
     response: Option<UsageHolder>,
     #[serde(default)]
     message: Option<UsageHolder>,
 }
 
-#[derive(serde::Deserialize, Default)]
+#[derive(Deserialize, Default)]
 struct UsageHolder {
     #[serde(default)]
     model: Option<Value>,
     #[serde(default)]
-    usage: Option<Value>,
+    usage: Option<Counts>,
+}
+
+/// A `usage` object under the names of each API: OpenAI Chat (`prompt_tokens`,
+/// `completion_tokens`, `prompt_tokens_details.cached_tokens`), OpenAI Responses
+/// (`input_tokens`, `output_tokens`, `input_tokens_details.cached_tokens`) and Anthropic
+/// (`input_tokens`, `output_tokens`, `cache_read_input_tokens`). A figure that is not a whole
+/// number is taken as absent, not as an unreadable document.
+#[derive(Deserialize, Default)]
+struct Counts {
+    #[serde(default, deserialize_with = "count")]
+    prompt_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "count")]
+    input_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "count")]
+    completion_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "count")]
+    output_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "count")]
+    cache_read_input_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens_details: Option<Details>,
+    #[serde(default)]
+    input_tokens_details: Option<Details>,
+}
+
+#[derive(Deserialize, Default)]
+struct Details {
+    #[serde(default, deserialize_with = "count")]
+    cached_tokens: Option<u64>,
+}
+
+fn count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(Value::deserialize(d)?.as_u64())
 }
 
 #[cfg(test)]
@@ -270,6 +299,14 @@ mod tests {
         let r = read_in_chunks("text/event-stream", body, 11);
         assert_eq!(r.response_model.as_deref(), Some("gpt-5"));
         assert_eq!((r.usage.input_tokens, r.usage.output_tokens), (3, 4));
+    }
+
+    #[test]
+    fn a_figure_that_is_not_a_whole_number_is_absent_and_the_others_still_count() {
+        let body = r#"{"model":"m","usage":{"prompt_tokens":"12","completion_tokens":5,"prompt_tokens_details":null}}"#;
+        let r = read_in_chunks("application/json", body, 64);
+        assert_eq!((r.usage.input_tokens, r.usage.output_tokens), (0, 5));
+        assert!(r.seen);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! way no call parses or compiles Rego, and evaluation stops at a wall-clock limit, so a runaway
 //! rule cannot stall the sidecar.
 
+use crate::rego_value::to_rego;
 use crate::{Decision, Input, PolicyError, Sources};
 use regorus::rvm::{Program, RegoVM};
 use std::num::NonZeroU32;
@@ -125,9 +126,7 @@ impl Policy {
     /// Evaluates the decision rule on `input`. An undefined decision is a deny.
     pub fn decide(&self, input: &Input) -> Result<Decision, PolicyError> {
         let Some(cache) = &self.cache else {
-            let tree = serde_json::to_value(input).map_err(|e| PolicyError::Eval(e.to_string()))?;
-            let value: regorus::Value =
-                serde_json::from_value(tree).map_err(|e| PolicyError::Eval(e.to_string()))?;
+            let value = to_rego(input).map_err(|e| PolicyError::Eval(format!("input: {e}")))?;
             return self.decide_value(value);
         };
         let json = without_time(input)?;

@@ -140,6 +140,16 @@ pub const CREDENTIAL_HEADERS: [&str; 4] = [
     "cookie",
 ];
 
+/// The JSON examples of docs/policy-input.md, one per call kind.
+#[cfg(test)]
+pub(crate) fn documented_examples() -> Vec<&'static str> {
+    include_str!("../../../docs/policy-input.md")
+        .split("```json")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,12 +157,7 @@ mod tests {
     /// Every example in docs/policy-input.md is an `Input`, field for field.
     #[test]
     fn the_documented_examples_are_exactly_the_document() {
-        let doc = include_str!("../../../docs/policy-input.md");
-        let examples: Vec<&str> = doc
-            .split("```json")
-            .skip(1)
-            .filter_map(|b| b.split("```").next())
-            .collect();
+        let examples = documented_examples();
         assert_eq!(examples.len(), 4, "one example per call kind");
         for text in examples {
             let raw: serde_json::Value = serde_json::from_str(text).expect("valid JSON");

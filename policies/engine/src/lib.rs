@@ -7,6 +7,7 @@ pub mod decision;
 pub mod engine;
 pub mod input;
 pub mod load;
+pub mod rego_value;
 pub mod testing;
 
 pub use decision::Decision;

@@ -102,5 +102,7 @@ fn main() {
     }
 }
 
+/// jemalloc, as ztunnel and linkerd2-proxy use: per call, glibc malloc+free cost 89k instructions
+/// (5x the bare pingora proxy's) once policy values fragmented its heap (BENCHMARKS.md).
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Instructions per proxied call, counted by callgrind (BENCHMARKS.md): repeatable for the same
+# build whatever else the machine does, where latency moves by ~0.1 ms from run to run.
+# Runs nginx as the upstream (the 200 B OpenAI-shaped answer of scripts/bench.sh), then, one at
+# a time under `valgrind --tool=callgrind`, the bare pingora proxy (tests/src/bin/pingora-floor.rs)
+# and the sidecar (one worker, allow-all policy) on its llm/ and http/ routes; each gets a
+# warm-up, then N calls at 200 req/s are counted.
+# Usage: scripts/callgrind.sh [N]   (default 2000). Output files stay in $CALLGRIND_OUT (or a
+# temporary directory) for `callgrind_annotate --inclusive=yes FILE`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-2000}
+command -v valgrind >/dev/null || { echo "callgrind: needs valgrind (apt-get install valgrind)"; exit 1; }
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || scripts/setup.sh
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+cargo build --release -q -p agentmesh-proxy -p agentmesh-tests --bins
+OUT=${CALLGRIND_OUT:-$(mktemp -d)}; mkdir -p "$OUT"
+W=$(mktemp -d); pids=()
+cleanup() { for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+UP=$(port)
+mkdir -p "$W/www"
+python3 -c '
+import json
+doc = {"model": "gpt-4o-mini", "choices": [{"message": {"role": "assistant", "content": ""}}],
+       "usage": {"prompt_tokens": 12, "completion_tokens": 3}}
+doc["choices"][0]["message"]["content"] = "x" * (200 - len(json.dumps(doc, separators=(",", ":"))))
+print(json.dumps(doc, separators=(",", ":")), end="")' > "$W/www/small"
+printf '%s' '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"benchmark request: say hello in one short sentence"}]}' > "$W/req.json"
+cat > "$W/upstream.conf" <<CONF
+daemon off; worker_processes 1; pid $W/upstream.pid; error_log $W/upstream-error.log warn;
+events { worker_connections 1024; }
+http { access_log off; client_body_temp_path $W; proxy_temp_path $W; fastcgi_temp_path $W; uwsgi_temp_path $W; scgi_temp_path $W;
+  server { listen 127.0.0.1:$UP; default_type application/json; location / { root $W/www; error_page 405 =200 \$uri; } } }
+CONF
+"$NGINX" -c "$W/upstream.conf" & pids+=($!)
+
+count() { # name url command...
+  local name=$1 url=$2; shift 2
+  valgrind --tool=callgrind --callgrind-out-file="$OUT/$name.%p.out" "$@" 2>"$W/$name.log" &
+  local vp=$!
+  for _ in $(seq 1 200); do
+    curl -fs -o /dev/null -X POST -d @"$W/req.json" "$url" 2>/dev/null && break; sleep 0.2
+  done
+  target/release/meshbench --rate 200 --duration 2s --warmup 0s --rounds 1 --body-file "$W/req.json" "w=$url" >/dev/null 2>&1
+  callgrind_control -z "$vp" >/dev/null 2>&1
+  target/release/meshbench --rate 200 --duration "$((N / 200))s" --warmup 0s --rounds 1 --body-file "$W/req.json" "w=$url" 2>/dev/null | awk '$1=="w" && $3==0 {ok=1} END {exit !ok}' \
+    || echo "callgrind: $name had errors" >&2
+  callgrind_control -d "$vp" >/dev/null 2>&1
+  sleep 0.5; kill -INT "$vp" 2>/dev/null; wait "$vp" 2>/dev/null || true
+  local total
+  total=$(callgrind_annotate "$(ls "$OUT/$name".*.out.1 | tail -1)" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+  printf '%-14s %10d instructions per call\n' "$name" "$((total / N))"
+}
+
+echo "# $(date -u +%FT%TZ): instructions per call, $N calls of 115 B POST -> 200 B answer, one worker"
+FP=$(port)
+count floor "http://127.0.0.1:$FP/small" target/release/pingora-floor "127.0.0.1:$FP" "127.0.0.1:$UP" 1
+OUTP=$(port); ADM=$(port)
+cat > "$W/sidecar.yaml" <<CONF
+agent: {name: planner}
+listeners: {outbound: "127.0.0.1:$OUTP", admin: "127.0.0.1:$ADM"}
+upstreams:
+  - {name: llm/openai, endpoints: ["http://127.0.0.1:$UP"]}
+  - {name: http/bench, endpoints: ["http://127.0.0.1:$UP"]}
+policy: {path: $PWD/tests/fixtures/policy-allow-all}
+CONF
+for route in llm/openai http/bench; do
+  count "sidecar-${route%%/*}" "http://127.0.0.1:$OUTP/$route/small" \
+    target/release/agentmesh-proxy --config "$W/sidecar.yaml" --access-log off --threads 1
+done
+echo "callgrind files: $OUT"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what agentmesh needs on a fresh Debian machine with only the Rust toolchain:
 # cmake and a C/C++ toolchain (pingora's build), nginx and curl (benchmark baseline and probes),
+# Prometheus and promtool (the metrics tests scrape and lint /metrics),
 # Python venv with the official SDKs (tests). Idempotent: skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,7 @@ command -v cmake >/dev/null || need+=(cmake)
 command -v c++ >/dev/null || need+=(g++)
 command -v curl >/dev/null || need+=(curl)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v promtool >/dev/null || need+=(prometheus)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing ${need[*]} with apt-get"

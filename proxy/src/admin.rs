@@ -1,8 +1,7 @@
 //! The admin listener (design §2, port 15000): `/healthz` (the process serves), `/readyz` (a
 //! config is loaded and the listeners are up), `/config_dump` (the effective config with its
 //! version, policy revision and reload status), `/stats` (access-log, decision-log and decision
-//! counters;
-//! `/metrics` comes with issue 4),
+//! counters), `/metrics` (Prometheus text format),
 //! `/logging` (show or change the log filter at runtime).
 //! Loopback only by default.
 
@@ -10,6 +9,7 @@ use crate::accesslog::AccessLog;
 use crate::decide::PolicyCounters;
 use crate::decisionlog::DecisionLog;
 use crate::logging::LogControl;
+use crate::metrics::{self, Metrics};
 use crate::state::Store;
 use async_trait::async_trait;
 use http::Response;
@@ -24,6 +24,7 @@ pub struct Admin {
     pub access_log: Arc<AccessLog>,
     pub decision_log: Arc<DecisionLog>,
     pub policy_counters: Arc<PolicyCounters>,
+    pub metrics: Arc<Metrics>,
     pub log: Option<Arc<LogControl>>,
 }
 
@@ -81,10 +82,17 @@ fn percent_decode(s: &str) -> String {
 }
 
 fn json_response(status: u16, v: serde_json::Value) -> Response<Vec<u8>> {
-    let body = serde_json::to_vec_pretty(&v).unwrap_or_default();
+    response(
+        status,
+        "application/json",
+        serde_json::to_vec_pretty(&v).unwrap_or_default(),
+    )
+}
+
+fn response(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     Response::builder()
         .status(status)
-        .header("content-type", "application/json")
+        .header("content-type", content_type)
         .header("content-length", body.len())
         .body(body)
         .unwrap_or_default()
@@ -128,6 +136,11 @@ impl ServeHttp for Admin {
                     }),
                 )
             }
+            "/metrics" => response(
+                200,
+                metrics::CONTENT_TYPE,
+                self.metrics.render().into_bytes(),
+            ),
             "/logging" => {
                 let req = session.req_header();
                 logging(self.log.as_deref(), req.method.as_str(), req.uri.query())
@@ -144,7 +157,7 @@ impl ServeHttp for Admin {
             ),
             _ => json_response(
                 404,
-                json!({"error": {"type": "not_found", "message": format!("no admin endpoint {path}; try /healthz, /readyz, /config_dump, /stats, /logging")}}),
+                json!({"error": {"type": "not_found", "message": format!("no admin endpoint {path}; try /healthz, /readyz, /config_dump, /stats, /metrics, /logging")}}),
             ),
         }
     }

@@ -230,12 +230,23 @@ pub struct PolicyCounters {
     pub errors: AtomicU64,
 }
 
+impl Outcome {
+    /// `allow`, `deny`, or `audit_deny` (a deny that audit mode let through).
+    pub fn label(&self) -> &'static str {
+        match (&self.verdict, self.audited) {
+            (_, true) => "audit_deny",
+            (Verdict::Allow { .. }, false) => "allow",
+            (Verdict::Deny(_), false) => "deny",
+        }
+    }
+}
+
 impl PolicyCounters {
     pub fn count(&self, o: &Outcome) {
-        let c = match (&o.verdict, o.audited) {
-            (_, true) => &self.audit_denied,
-            (Verdict::Allow { .. }, false) => &self.allowed,
-            (Verdict::Deny(_), false) => &self.denied,
+        let c = match o.label() {
+            "audit_deny" => &self.audit_denied,
+            "allow" => &self.allowed,
+            _ => &self.denied,
         };
         c.fetch_add(1, Ordering::Relaxed);
         if o.error.is_some() {

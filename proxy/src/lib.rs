@@ -13,6 +13,7 @@ pub mod decide;
 pub mod decisionlog;
 pub mod linesink;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod record;
 pub mod reject;

@@ -14,6 +14,7 @@ use crate::classify::{classify, ClassifyError, Destination};
 use crate::config::CallKind;
 use crate::decide::{self, CallFacts, PolicyCounters, Verdict};
 use crate::decisionlog::{DecisionLog, Entry};
+use crate::metrics::Metrics;
 use crate::record::{CallRecord, Direction, PolicyResult};
 use crate::reject::Rejection;
 use crate::route::{resolve, upstream_path, UpstreamState};
@@ -36,6 +37,7 @@ pub struct MeshProxy {
     pub access_log: Arc<AccessLog>,
     pub decision_log: Arc<DecisionLog>,
     pub policy_counters: Arc<PolicyCounters>,
+    pub metrics: Arc<Metrics>,
     /// The local agent's LLM spend in the budget window.
     pub spend: Arc<Spend>,
 }
@@ -79,6 +81,15 @@ fn bodyful(method: &str) -> bool {
 }
 
 impl MeshProxy {
+    /// Who is calling, as telemetry labels it: the local agent on the way out; on the way in,
+    /// the peer, known once mTLS identifies sidecars (issue 6).
+    fn source<'a>(&self, snap: &'a Snapshot) -> &'a str {
+        match self.direction {
+            Direction::Outbound => snap.config.agent.name.as_str(),
+            Direction::Inbound => "unknown",
+        }
+    }
+
     /// Sends a rejection straight to the caller; the call ends in this phase.
     async fn respond(
         &self,
@@ -236,6 +247,7 @@ impl MeshProxy {
             &rec.target,
         );
         self.policy_counters.count(&out);
+        self.metrics.decision(self.source(snap), rec, &out);
         self.decision_log.write(&Entry {
             inputs: &inputs,
             evaluations: &out.evaluations,
@@ -719,6 +731,11 @@ impl ProxyHttp for MeshProxy {
             }
         }
         if let Some(r) = ctx.record.as_ref() {
+            self.metrics.call(
+                self.source(&self.store.snapshot()),
+                r,
+                ctx.started.elapsed(),
+            );
             self.access_log.write(
                 r,
                 ctx.started.elapsed(),

@@ -6,6 +6,7 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::decide::PolicyCounters;
 use crate::decisionlog::DecisionLog;
+use crate::metrics::Metrics;
 use crate::proxy::MeshProxy;
 use crate::record::Direction;
 use crate::reload::Reloader;
@@ -76,6 +77,7 @@ pub fn build(desired: Desired, opts: &RunOptions) -> anyhow::Result<Server> {
     let store = Store::new(desired, &opts.config_path.display().to_string());
     let spend = Arc::new(Spend::new(store.snapshot().config.policy.budget_window));
     let policy_counters = Arc::new(PolicyCounters::default());
+    let metrics = Arc::new(Metrics::default());
     let access_log = Arc::new(AccessLog::open(&opts.access_log, opts.access_log_format)?);
     let decision_log = Arc::new(DecisionLog::open(&opts.decision_log)?);
 
@@ -88,6 +90,7 @@ pub fn build(desired: Desired, opts: &RunOptions) -> anyhow::Result<Server> {
         access_log: access_log.clone(),
         decision_log: decision_log.clone(),
         policy_counters: policy_counters.clone(),
+        metrics: metrics.clone(),
         spend: spend.clone(),
     };
     let mut outbound = ProxyServiceBuilder::new(&conf, proxy(Direction::Outbound))
@@ -113,6 +116,7 @@ pub fn build(desired: Desired, opts: &RunOptions) -> anyhow::Result<Server> {
             access_log: access_log.clone(),
             decision_log,
             policy_counters,
+            metrics,
             log: opts.log.clone(),
         }),
     );

@@ -1,0 +1,407 @@
+//! Telemetry through a running sidecar: `/metrics` in the Prometheus text format, linted by
+//! `promtool check metrics` and scraped by a real Prometheus server, with per-call counts,
+//! tokens and USD that add up to hand-computed figures for streamed and non-streamed calls of
+//! both LLM API families, and a denied call counted as such.
+
+use agentmesh_tests::{free_port, Fixture, Proc, Scratch, Sidecar};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const POLICY: &str = r#"
+package agentmesh.authz
+
+import rego.v1
+
+default decision := {"allow": false, "reason": "model not allowed"}
+
+decision := {"allow": true} if input.llm.model in {"gpt-4o-mini", "claude-haiku-4-5"}
+"#;
+
+/// Prices in LiteLLM's format, round enough to add by hand.
+const PRICES: &str = r#"{
+  "gpt-4o-mini": {"input_cost_per_token": 0.001, "output_cost_per_token": 0.002, "litellm_provider": "openai", "mode": "chat"},
+  "claude-haiku-4-5": {"input_cost_per_token": 0.003, "output_cost_per_token": 0.004, "litellm_provider": "anthropic", "mode": "chat"}
+}"#;
+
+/// A tool the test setup installs (scripts/setup.sh): its absence is a failure, not a skip.
+fn tool(name: &str) -> String {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .expect("sh");
+    let path = String::from_utf8_lossy(&found.stdout).trim().to_string();
+    assert!(
+        !path.is_empty(),
+        "`{name}` is not installed: run scripts/setup.sh (it installs Debian's prometheus package)"
+    );
+    path
+}
+
+struct Mesh {
+    dir: Scratch,
+    _llm: Fixture,
+    sc: Sidecar,
+}
+
+async fn mesh(tag: &str) -> Mesh {
+    let dir = Scratch::new(tag);
+    std::fs::create_dir_all(dir.path("policy")).unwrap();
+    std::fs::write(dir.path("policy/authz.rego"), POLICY).unwrap();
+    std::fs::write(dir.path("prices.json"), PRICES).unwrap();
+    let llm = Fixture::mock_llm(&dir, &[]).await;
+    let body = format!(
+        "upstreams:\n  - {{name: llm/openai, endpoints: [\"{u}\"]}}\n  - {{name: llm/anthropic, endpoints: [\"{u}\"]}}\npolicy: {{path: policy}}\npricing: {{file: prices.json}}\n",
+        u = llm.url("")
+    );
+    let sc = Sidecar::start(&dir, &body).await;
+    Mesh { dir, _llm: llm, sc }
+}
+
+async fn post(url: &str, body: &Value) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .header("anthropic-version", "2023-06-01")
+        .json(body)
+        .send()
+        .await
+        .expect("sidecar answers");
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap_or_default())
+}
+
+/// Four allowed calls (OpenAI and Anthropic, JSON and SSE) and one denied; returns their count.
+async fn traffic(sc: &Sidecar) -> usize {
+    let ping = json!([{"role": "user", "content": "ping"}]);
+    let openai = sc.url("/llm/openai/v1/chat/completions");
+    let anthropic = sc.url("/llm/anthropic/v1/messages");
+    let calls = [
+        (&openai, json!({"model": "gpt-4o-mini", "messages": ping})),
+        (
+            &openai,
+            json!({"model": "gpt-4o-mini", "messages": ping, "stream": true, "stream_options": {"include_usage": true}}),
+        ),
+        (
+            &anthropic,
+            json!({"model": "claude-haiku-4-5", "max_tokens": 64, "messages": ping}),
+        ),
+        (
+            &anthropic,
+            json!({"model": "claude-haiku-4-5", "max_tokens": 64, "messages": ping, "stream": true}),
+        ),
+    ];
+    for (url, body) in &calls {
+        let (s, text) = post(url, body).await;
+        assert_eq!(s, 200, "{text}");
+    }
+    let (s, text) = post(&openai, &json!({"model": "gpt-5", "messages": ping})).await;
+    assert_eq!(s, 403, "{text}");
+    calls.len() + 1
+}
+
+async fn metrics(sc: &Sidecar) -> (String, String) {
+    let r = reqwest::get(format!("http://127.0.0.1:{}/metrics", sc.admin))
+        .await
+        .expect("admin answers");
+    let ct = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    (ct, r.text().await.unwrap())
+}
+
+/// The value of the sample whose line starts with `prefix` (name and labels).
+fn sample(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {prefix} in\n{text}"))
+}
+
+#[tokio::test]
+async fn metrics_pass_promtool_and_count_calls_tokens_and_usd() {
+    let m = mesh("telemetry-metrics").await;
+    let n = traffic(&m.sc).await;
+    let calls = m.sc.wait_calls(n).await;
+    // The mock's usage for one "ping": 1 word + 4 per message in, 4 words out — on both APIs,
+    // streamed or not. Prices: OpenAI 5 × 0.001 + 4 × 0.002 = 0.013, Anthropic 5 × 0.003 +
+    // 4 × 0.004 = 0.031.
+    for c in calls.iter().filter(|c| c["status"] == 200) {
+        let usage = &c["llm"]["usage"];
+        assert_eq!(
+            (
+                usage["input_tokens"].as_u64(),
+                usage["output_tokens"].as_u64()
+            ),
+            (Some(5), Some(4)),
+            "{c}"
+        );
+    }
+    let (ct, text) = metrics(&m.sc).await;
+    assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+
+    let mut lint = Command::new(tool("promtool"))
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    lint.stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = lint.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let calls_of = |dest: &str, model: &str, decision: &str, status: u16| {
+        sample(
+            &text,
+            &format!(
+                r#"agentmesh_requests_total{{source="tester",destination="{dest}",kind="llm",model="{model}",decision="{decision}",status="{status}"}}"#
+            ),
+        )
+    };
+    assert_eq!(calls_of("llm/openai", "gpt-4o-mini", "allow", 200), 2.0);
+    assert_eq!(
+        calls_of("llm/anthropic", "claude-haiku-4-5", "allow", 200),
+        2.0
+    );
+    assert_eq!(calls_of("llm/openai", "gpt-5", "deny", 403), 1.0);
+    assert_eq!(
+        sample(
+            &text,
+            r#"agentmesh_policy_decisions_total{source="tester",destination="llm/openai",kind="llm",decision="deny"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, "agentmesh_policy_eval_duration_seconds_count"),
+        5.0
+    );
+    let usd = |provider: &str, model: &str| {
+        sample(
+            &text,
+            &format!(
+                r#"agentmesh_llm_cost_usd_total{{source="tester",gen_ai_provider_name="{provider}",gen_ai_request_model="{model}"}}"#
+            ),
+        )
+    };
+    assert!(
+        (usd("openai", "gpt-4o-mini") - 0.026).abs() < 1e-9,
+        "{text}"
+    );
+    assert!(
+        (usd("anthropic", "claude-haiku-4-5") - 0.062).abs() < 1e-9,
+        "{text}"
+    );
+    let tokens = |provider: &str, model: &str, kind: &str, what: &str| {
+        sample(
+            &text,
+            &format!(
+                r#"gen_ai_client_token_usage_{what}{{source="tester",gen_ai_operation_name="chat",gen_ai_provider_name="{provider}",gen_ai_request_model="{model}",gen_ai_token_type="{kind}"}}"#
+            ),
+        )
+    };
+    assert_eq!(tokens("openai", "gpt-4o-mini", "input", "sum"), 10.0);
+    assert_eq!(tokens("openai", "gpt-4o-mini", "output", "count"), 2.0);
+    assert_eq!(
+        tokens("anthropic", "claude-haiku-4-5", "output", "sum"),
+        8.0
+    );
+    // The denied call never reached the provider: no GenAI duration for gpt-5.
+    assert!(!text.contains(r#"gen_ai_request_model="gpt-5""#), "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            r#"gen_ai_client_operation_duration_seconds_count{source="tester",gen_ai_operation_name="chat",gen_ai_provider_name="anthropic",gen_ai_request_model="claude-haiku-4-5"}"#
+        ),
+        2.0
+    );
+}
+
+/// A Prometheus server scraping the sidecar's admin port every second.
+fn prometheus(dir: &Scratch, admin: u16) -> (Proc, u16) {
+    let port = free_port();
+    std::fs::write(
+        dir.path("prometheus.yml"),
+        format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [\"{rules}\"]\nscrape_configs:\n  - job_name: sidecar\n    static_configs: [{{targets: [\"127.0.0.1:{admin}\"]}}]\n",
+            rules = repo("deploy/prometheus/agentmesh-alerts.yml").display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path("prometheus.log")).unwrap();
+    let child = Command::new(tool("prometheus"))
+        .arg(format!(
+            "--config.file={}",
+            dir.path("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("prometheus starts");
+    (Proc(child), port)
+}
+
+fn repo(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
+/// An instant query's answer (`data`), whatever it is.
+async fn query_data(port: u16, q: &str) -> Value {
+    let r: Value = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/api/v1/query"))
+        .query(&[("query", q)])
+        .send()
+        .await
+        .expect("prometheus answers")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(r["status"], "success", "`{q}`: {r}");
+    r["data"].clone()
+}
+
+/// The single value of an instant query, once Prometheus has one.
+async fn query(port: u16, q: &str, want: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = Value::Null;
+    while Instant::now() < deadline {
+        if let Ok(r) = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{port}/api/v1/query"))
+            .query(&[("query", q)])
+            .send()
+            .await
+        {
+            last = r.json().await.unwrap_or(Value::Null);
+            let v = last["data"]["result"][0]["value"][1]
+                .as_str()
+                .and_then(|v| v.parse::<f64>().ok());
+            if let Some(v) = v.filter(|v| want(*v)) {
+                return v;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("Prometheus never answered `{q}` as expected; last answer: {last}");
+}
+
+#[tokio::test]
+async fn a_real_prometheus_scrapes_the_sidecar() {
+    let m = mesh("telemetry-prometheus").await;
+    let n = traffic(&m.sc).await;
+    m.sc.wait_calls(n).await;
+    let (_prom, port) = prometheus(&m.dir, m.sc.admin);
+    assert_eq!(query(port, r#"up{job="sidecar"}"#, |v| v == 1.0).await, 1.0);
+    assert_eq!(
+        query(port, "sum(agentmesh_requests_total)", |v| v > 0.0).await,
+        n as f64
+    );
+    assert_eq!(
+        query(
+            port,
+            r#"sum by (decision) (agentmesh_requests_total{decision="deny"})"#,
+            |v| v > 0.0
+        )
+        .await,
+        1.0
+    );
+    let usd = query(port, "sum(agentmesh_llm_cost_usd_total)", |v| v > 0.0).await;
+    assert!((usd - 0.088).abs() < 1e-9, "{usd}");
+    // The GenAI histogram answers the SRE's p99 question.
+    let p99 = query(
+        port,
+        "histogram_quantile(0.99, sum by (le) (gen_ai_client_operation_duration_seconds_bucket))",
+        |v| v.is_finite(),
+    )
+    .await;
+    assert!(p99 > 0.0 && p99 <= 81.92, "{p99}");
+}
+
+#[tokio::test]
+async fn the_alert_rules_and_the_dashboard_queries_run_on_real_data() {
+    let rules = repo("deploy/prometheus/agentmesh-alerts.yml");
+    let out = Command::new(tool("promtool"))
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let m = mesh("telemetry-dashboard").await;
+    let n = traffic(&m.sc).await;
+    m.sc.wait_calls(n).await;
+    let (_prom, port) = prometheus(&m.dir, m.sc.admin);
+    // Three scrapes, so that rate() has points to work with.
+    query(port, "count_over_time(up[1m])", |v| v >= 3.0).await;
+
+    // Every rule loaded and evaluated without error.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r: Value = reqwest::get(format!("http://127.0.0.1:{port}/api/v1/rules"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let rules = r["data"]["groups"][0]["rules"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(rules.len(), 5, "{r}");
+        if rules.iter().all(|x| x["health"] == "ok") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && rules.iter().all(|x| x["health"] != "err"),
+            "{r}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // Every dashboard panel's query is valid PromQL over these metrics, and each has data,
+    // but the 5xx share (no call failed).
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo("deploy/grafana/agentmesh-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let panels = dash["panels"].as_array().unwrap();
+    assert!(panels.len() >= 6);
+    for p in panels {
+        let expr = p["targets"][0]["expr"]
+            .as_str()
+            .unwrap()
+            .replace("$__rate_interval", "1m");
+        let data = query_data(port, &expr).await;
+        let empty = data["result"].as_array().is_none_or(|r| r.is_empty());
+        let title = p["title"].as_str().unwrap();
+        assert_eq!(
+            empty,
+            title.starts_with("5xx"),
+            "{title}: `{expr}` gave {data}"
+        );
+    }
+}

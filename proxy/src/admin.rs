@@ -11,6 +11,7 @@ use crate::decisionlog::DecisionLog;
 use crate::logging::LogControl;
 use crate::metrics::{self, Metrics};
 use crate::state::Store;
+use crate::traces::Traces;
 use async_trait::async_trait;
 use http::Response;
 use pingora::apps::http_app::ServeHttp;
@@ -25,6 +26,7 @@ pub struct Admin {
     pub decision_log: Arc<DecisionLog>,
     pub policy_counters: Arc<PolicyCounters>,
     pub metrics: Arc<Metrics>,
+    pub traces: Arc<Traces>,
     pub log: Option<Arc<LogControl>>,
 }
 
@@ -151,6 +153,9 @@ impl ServeHttp for Admin {
                     "access_log": self.access_log.counters(),
                     "policy": self.policy_counters.snapshot(),
                     "decision_log": self.decision_log.counters(),
+                    // Spans made and exported; ended − exported − export_failed were dropped
+                    // (queue full) or are still queued.
+                    "traces": self.traces.enabled().then(|| &*self.traces.counters),
                     // Reloads of the config and its policy: rejected ones kept the last good.
                     "reloads": self.store.status(),
                 }),

@@ -3,6 +3,7 @@
 //! error names the file, the line and the field, so an operator can fix it without guessing.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -50,6 +51,69 @@ pub struct Config {
     /// Model prices, for the cost of each LLM call.
     #[serde(default)]
     pub pricing: PricingConfig,
+    /// Where traces go (docs/telemetry.md). Metrics are always on `/metrics`.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP trace export; without it no spans are made.
+    pub traces: Option<TracesConfig>,
+}
+
+/// One span per call, exported over OTLP in batches that never hold a call back.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TracesConfig {
+    /// The collector: `http://host:4317` for gRPC, `http://host:4318/v1/traces` for HTTP.
+    pub endpoint: String,
+    #[serde(default)]
+    pub protocol: OtlpProtocol,
+    /// Sent with every export (e.g. a vendor's API key); shown redacted in `/config_dump`.
+    #[serde(default, serialize_with = "redact_values")]
+    pub headers: BTreeMap<String, String>,
+    /// Longest one export may take.
+    #[serde(default = "default_export_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Spans kept in memory while the collector is slow or down; past it spans are dropped
+    /// (and counted in `/stats`), never calls held back.
+    #[serde(default = "default_span_queue")]
+    pub max_queue: usize,
+    /// Put prompts, completions and tool arguments in spans. Off: spans carry only names,
+    /// models, counts, decisions and costs.
+    #[serde(default)]
+    pub capture_content: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpProtocol {
+    #[default]
+    Grpc,
+    /// HTTP with protobuf bodies.
+    Http,
+}
+
+fn default_export_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_span_queue() -> usize {
+    4096
+}
+
+fn redact_values<S: serde::Serializer>(
+    m: &BTreeMap<String, String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut out = s.serialize_map(Some(m.len()))?;
+    for k in m.keys() {
+        out.serialize_entry(k, "<redacted>")?;
+    }
+    out.end()
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -384,6 +448,21 @@ impl Config {
                     self.agent.name
                 ),
             ));
+        }
+        if let Some(t) = &self.telemetry.traces {
+            let ok = t.endpoint.starts_with("http://") || t.endpoint.starts_with("https://");
+            if !ok || t.endpoint.parse::<http::Uri>().is_err() {
+                return Err(invalid(
+                    "telemetry.traces.endpoint".into(),
+                    format!("`{}` is not an http:// or https:// URL", t.endpoint),
+                ));
+            }
+            if t.max_queue == 0 {
+                return Err(invalid(
+                    "telemetry.traces.max_queue".into(),
+                    "must be at least 1".into(),
+                ));
+            }
         }
         let d = &self.policy.decision;
         if !d.starts_with("data.") || d.split('.').any(str::is_empty) {

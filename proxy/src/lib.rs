@@ -22,4 +22,5 @@ pub mod route;
 pub mod server;
 pub mod spend;
 pub mod state;
+pub mod traces;
 pub mod usage;

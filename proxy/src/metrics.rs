@@ -314,7 +314,7 @@ pub fn decision_label(rec: &CallRecord) -> &'static str {
 }
 
 /// The GenAI `gen_ai.operation.name` of an LLM API operation.
-fn operation_name(op: LlmOperation) -> &'static str {
+pub fn operation_name(op: LlmOperation) -> &'static str {
     match op {
         LlmOperation::ChatCompletions | LlmOperation::Messages | LlmOperation::Responses => "chat",
         LlmOperation::Embeddings => "embeddings",

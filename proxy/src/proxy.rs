@@ -20,6 +20,7 @@ use crate::reject::Rejection;
 use crate::route::{resolve, upstream_path, UpstreamState};
 use crate::spend::Spend;
 use crate::state::{Snapshot, Store};
+use crate::traces::{CallSpan, Traces};
 use crate::usage::UsageReader;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -28,7 +29,7 @@ use pingora::prelude::*;
 use pingora_error::{ErrorSource, ErrorType};
 use pingora_proxy::FailToProxy;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// One proxy per listener: outbound (agent → mesh) or inbound (mesh → agent).
 pub struct MeshProxy {
@@ -38,6 +39,7 @@ pub struct MeshProxy {
     pub decision_log: Arc<DecisionLog>,
     pub policy_counters: Arc<PolicyCounters>,
     pub metrics: Arc<Metrics>,
+    pub traces: Arc<Traces>,
     /// The local agent's LLM spend in the budget window.
     pub spend: Arc<Spend>,
 }
@@ -68,6 +70,8 @@ pub struct CallCtx {
     upstream_failed: bool,
     /// The breaker already heard about this attempt (a failed connect).
     breaker_noted: bool,
+    /// The call's span, when traces are on.
+    span: Option<CallSpan>,
 }
 
 impl CallCtx {
@@ -381,10 +385,16 @@ impl ProxyHttp for MeshProxy {
             first_byte: None,
             upstream_failed: false,
             breaker_noted: false,
+            span: None,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut CallCtx) -> Result<bool> {
+        ctx.span = self.traces.start(
+            self.direction,
+            &session.req_header().headers,
+            SystemTime::now() - ctx.started.elapsed(),
+        );
         let snap = self.store.snapshot();
         ctx.limit = snap.config.limits.max_inspect_body_bytes;
         if let Err(rej) = self.select(session, &snap, ctx) {
@@ -503,6 +513,13 @@ impl ProxyHttp for MeshProxy {
         }
         for (name, value) in &ctx.decision_headers {
             req.insert_header(name.clone(), value.as_str())?;
+        }
+        if let Some(span) = &ctx.span {
+            // The upstream continues this call's span, not the agent's.
+            req.remove_header("tracestate");
+            for (name, value) in span.propagation().0 {
+                req.insert_header(name, value)?;
+            }
         }
         Ok(())
     }
@@ -731,11 +748,14 @@ impl ProxyHttp for MeshProxy {
             }
         }
         if let Some(r) = ctx.record.as_ref() {
-            self.metrics.call(
-                self.source(&self.store.snapshot()),
-                r,
-                ctx.started.elapsed(),
-            );
+            let snap = self.store.snapshot();
+            self.metrics
+                .call(self.source(&snap), r, ctx.started.elapsed());
+            if let Some(span) = ctx.span.take() {
+                let error = e.map(|e| e.to_string());
+                let content = self.traces.capture_content();
+                span.finish(r, self.source(&snap), error.as_deref(), content);
+            }
             self.access_log.write(
                 r,
                 ctx.started.elapsed(),

@@ -12,6 +12,7 @@ use crate::record::Direction;
 use crate::reload::Reloader;
 use crate::spend::Spend;
 use crate::state::{Desired, Store};
+use crate::traces::Traces;
 use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
@@ -74,6 +75,11 @@ pub fn build(desired: Desired, opts: &RunOptions) -> anyhow::Result<Server> {
     if desired.policy.is_none() {
         tracing::warn!("no `policy.path` in the config: every call will be denied");
     }
+    // Trace export is set up once at start (a changed `telemetry` section takes a restart).
+    let traces = Arc::new(Traces::new(
+        config.telemetry.traces.as_ref(),
+        &config.agent.name,
+    )?);
     let store = Store::new(desired, &opts.config_path.display().to_string());
     let spend = Arc::new(Spend::new(store.snapshot().config.policy.budget_window));
     let policy_counters = Arc::new(PolicyCounters::default());
@@ -91,6 +97,7 @@ pub fn build(desired: Desired, opts: &RunOptions) -> anyhow::Result<Server> {
         decision_log: decision_log.clone(),
         policy_counters: policy_counters.clone(),
         metrics: metrics.clone(),
+        traces: traces.clone(),
         spend: spend.clone(),
     };
     let mut outbound = ProxyServiceBuilder::new(&conf, proxy(Direction::Outbound))
@@ -117,6 +124,7 @@ pub fn build(desired: Desired, opts: &RunOptions) -> anyhow::Result<Server> {
             decision_log,
             policy_counters,
             metrics,
+            traces,
             log: opts.log.clone(),
         }),
     );

@@ -2,6 +2,8 @@
 //! free loopback ports, writes sidecar configs, and reads access logs. Processes die with the
 //! harness values that own them.
 
+pub mod otlp;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -3,6 +3,7 @@
 //! tokens and USD that add up to hand-computed figures for streamed and non-streamed calls of
 //! both LLM API families, and a denied call counted as such.
 
+use agentmesh_tests::otlp::Receiver;
 use agentmesh_tests::{free_port, Fixture, Proc, Scratch, Sidecar};
 use serde_json::{json, Value};
 use std::io::Write;
@@ -17,6 +18,10 @@ import rego.v1
 default decision := {"allow": false, "reason": "model not allowed"}
 
 decision := {"allow": true} if input.llm.model in {"gpt-4o-mini", "claude-haiku-4-5"}
+
+decision := {"allow": true} if input.destination.kind in {"http", "a2a"}
+
+decision := {"allow": true} if input.direction == "inbound"
 "#;
 
 /// Prices in LiteLLM's format, round enough to add by hand.
@@ -46,13 +51,18 @@ struct Mesh {
 }
 
 async fn mesh(tag: &str) -> Mesh {
+    mesh_with(tag, "").await
+}
+
+/// The mesh with `extra` YAML appended to the sidecar's config (a telemetry section).
+async fn mesh_with(tag: &str, extra: &str) -> Mesh {
     let dir = Scratch::new(tag);
     std::fs::create_dir_all(dir.path("policy")).unwrap();
     std::fs::write(dir.path("policy/authz.rego"), POLICY).unwrap();
     std::fs::write(dir.path("prices.json"), PRICES).unwrap();
     let llm = Fixture::mock_llm(&dir, &[]).await;
     let body = format!(
-        "upstreams:\n  - {{name: llm/openai, endpoints: [\"{u}\"]}}\n  - {{name: llm/anthropic, endpoints: [\"{u}\"]}}\npolicy: {{path: policy}}\npricing: {{file: prices.json}}\n",
+        "upstreams:\n  - {{name: llm/openai, endpoints: [\"{u}\"]}}\n  - {{name: llm/anthropic, endpoints: [\"{u}\"]}}\n  - {{name: http/echo, endpoints: [\"{u}/debug\"]}}\npolicy: {{path: policy}}\npricing: {{file: prices.json}}\n{extra}",
         u = llm.url("")
     );
     let sc = Sidecar::start(&dir, &body).await;
@@ -403,5 +413,210 @@ async fn the_alert_rules_and_the_dashboard_queries_run_on_real_data() {
             title.starts_with("5xx"),
             "{title}: `{expr}` gave {data}"
         );
+    }
+}
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const AGENT_SPAN: &str = "00f067aa0ba902b7";
+
+async fn post_traced(url: &str, body: &Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .header("traceparent", format!("00-{TRACE}-{AGENT_SPAN}-01"))
+        .header("tracestate", "vendor=agent")
+        .json(body)
+        .send()
+        .await
+        .expect("sidecar answers");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn each_call_is_a_span_that_continues_the_agents_trace() {
+    let rx = Receiver::grpc().await;
+    let m = mesh_with(
+        "telemetry-traces",
+        &format!(
+            "telemetry: {{traces: {{endpoint: \"http://127.0.0.1:{}\"}}}}\n",
+            rx.port
+        ),
+    )
+    .await;
+    let ping = json!([{"role": "user", "content": "ping secret-prompt"}]);
+    let chat = m.sc.url("/llm/openai/v1/chat/completions");
+    let (s, v) = post_traced(&chat, &json!({"model": "gpt-4o-mini", "messages": ping})).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = post_traced(&chat, &json!({"model": "gpt-5", "messages": ping})).await;
+    assert_eq!(s, 403, "{v}");
+    let (s, echo) = post_traced(&m.sc.url("/http/echo/echo"), &json!({"x": 1})).await;
+    assert_eq!(s, 200, "{echo}");
+
+    let spans = rx.wait(|s| s.len() >= 3).await;
+    let find = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s.name() == name)
+            .unwrap_or_else(|| panic!("no span {name}: {spans:#?}"))
+    };
+    let allowed = find("chat gpt-4o-mini");
+    assert_eq!(allowed.service, "agentmesh-sidecar/tester");
+    assert_eq!(allowed.trace_id(), TRACE, "the agent's trace is continued");
+    assert_eq!(allowed.parent_span_id(), AGENT_SPAN);
+    for (k, v) in [
+        ("gen_ai.operation.name", "chat"),
+        ("gen_ai.provider.name", "openai"),
+        ("gen_ai.request.model", "gpt-4o-mini"),
+        ("gen_ai.usage.input_tokens", "6"),
+        ("gen_ai.usage.output_tokens", "5"),
+        ("agentmesh.decision", "allow"),
+        ("agentmesh.source.agent", "tester"),
+        ("agentmesh.destination", "llm/openai"),
+        ("http.response.status_code", "200"),
+    ] {
+        assert_eq!(allowed.attr(k).as_deref(), Some(v), "{k} of {allowed:#?}");
+    }
+    // In: 2 words + 4 for the message; out: the mock's 5-word reply to this prompt.
+    // 6 × 0.001 + 5 × 0.002
+    let usd: f64 = allowed.attr("agentmesh.cost.usd").unwrap().parse().unwrap();
+    assert!((usd - 0.016).abs() < 1e-9, "{usd}");
+    assert!(allowed.attr("gen_ai.response.model").is_some());
+
+    let denied = find("chat gpt-5");
+    assert_eq!(denied.attr("agentmesh.decision").as_deref(), Some("deny"));
+    assert_eq!(
+        denied.attr("agentmesh.policy.reason").as_deref(),
+        Some("model not allowed")
+    );
+    assert_eq!(
+        denied.attr("http.response.status_code").as_deref(),
+        Some("403")
+    );
+
+    // The upstream got this call's span as its parent, in the same trace.
+    let echoed = find("POST http/echo");
+    let sent = echo["headers"]["traceparent"].as_str().unwrap_or_default();
+    assert_eq!(
+        sent,
+        format!("00-{TRACE}-{}-01", echoed.span_id()),
+        "{echo}"
+    );
+    assert_ne!(echoed.span_id(), AGENT_SPAN);
+
+    // No prompt text anywhere in a span without capture_content.
+    for s in &spans {
+        for kv in &s.span.attributes {
+            assert!(
+                !format!("{:?}", kv.value).contains("secret-prompt"),
+                "{kv:?}"
+            );
+        }
+    }
+    let stats: Value = reqwest::get(format!("http://127.0.0.1:{}/stats", m.sc.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        stats["traces"]["exported"].as_u64().unwrap() >= 3,
+        "{stats}"
+    );
+}
+
+#[tokio::test]
+async fn two_sidecars_put_a_delegation_in_one_trace_over_otlp_http() {
+    let rx = Receiver::http().await;
+    let telemetry = format!(
+        "telemetry: {{traces: {{endpoint: \"http://127.0.0.1:{}/v1/traces\", protocol: http}}}}\n",
+        rx.port
+    );
+    // B: the callee's sidecar, inbound to its agent (the mock's echo stands in for it).
+    let b_dir = Scratch::new("telemetry-two-b");
+    let b_agent = Fixture::mock_llm(&b_dir, &[]).await;
+    std::fs::create_dir_all(b_dir.path("policy")).unwrap();
+    std::fs::write(b_dir.path("policy/authz.rego"), POLICY).unwrap();
+    let b_sc = Sidecar::start(
+        &b_dir,
+        &format!(
+            "inbound: {{forward_to: \"127.0.0.1:{}\", kind: http, allow_plaintext: true}}\npolicy: {{path: policy}}\n{telemetry}",
+            b_agent.port
+        ),
+    )
+    .await;
+    // A: the caller's sidecar, with B's inbound listener as `agents/b`.
+    let a_dir = Scratch::new("telemetry-two-a");
+    std::fs::create_dir_all(a_dir.path("policy")).unwrap();
+    std::fs::write(a_dir.path("policy/authz.rego"), POLICY).unwrap();
+    let a_sc = Sidecar::start(
+        &a_dir,
+        &format!(
+            "upstreams:\n  - {{name: agents/b, endpoints: [\"http://127.0.0.1:{}\"]}}\npolicy: {{path: policy}}\n{telemetry}",
+            b_sc.inbound
+        ),
+    )
+    .await;
+    let send = json!({"jsonrpc": "2.0", "id": 1, "method": "message/send",
+        "params": {"message": {"role": "user", "messageId": "m1", "parts": [{"kind": "text", "text": "hi"}]}}});
+    let (s, echo) = post_traced(&a_sc.url("/agents/b/debug/echo"), &send).await;
+    assert_eq!(s, 200, "{echo}");
+
+    let spans = rx.wait(|s| s.len() >= 2).await;
+    let client = spans
+        .iter()
+        .find(|s| s.span.kind == 3)
+        .expect("A's client span");
+    let server = spans
+        .iter()
+        .find(|s| s.span.kind == 2)
+        .expect("B's server span");
+    assert_eq!(client.name(), "message/send agents/b");
+    assert_eq!(
+        client.attr("agentmesh.a2a.method").as_deref(),
+        Some("message/send")
+    );
+    assert_eq!(client.trace_id(), TRACE);
+    assert_eq!(client.parent_span_id(), AGENT_SPAN);
+    assert_eq!(server.trace_id(), TRACE, "one trace across both sidecars");
+    assert_eq!(
+        server.parent_span_id(),
+        client.span_id(),
+        "B's span is A's child"
+    );
+    // B's agent got B's span as its parent.
+    let sent = echo["headers"]["traceparent"].as_str().unwrap_or_default();
+    assert_eq!(sent, format!("00-{TRACE}-{}-01", server.span_id()));
+}
+
+#[tokio::test]
+async fn calls_go_on_when_the_collector_is_down_and_lost_spans_are_counted() {
+    let closed = free_port();
+    let m = mesh_with(
+        "telemetry-down",
+        &format!(
+            "telemetry: {{traces: {{endpoint: \"http://127.0.0.1:{closed}\", timeout: 1s}}}}\n"
+        ),
+    )
+    .await;
+    let n = traffic(&m.sc).await;
+    m.sc.wait_calls(n).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let stats: Value = reqwest::get(format!("http://127.0.0.1:{}/stats", m.sc.admin))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let t = &stats["traces"];
+        assert_eq!(t["exported"], 0, "{stats}");
+        if t["export_failed"].as_u64() == Some(n as u64) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "failed exports never counted: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

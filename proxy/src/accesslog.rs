@@ -28,6 +28,9 @@ pub struct AccessLog {
 struct Line<'a> {
     /// Milliseconds since the Unix epoch.
     ts_ms: u128,
+    /// The call's trace, when traces are on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<&'a str>,
     #[serde(flatten)]
     call: &'a CallRecord,
     subject: String,
@@ -40,6 +43,13 @@ struct Line<'a> {
     error: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error_message: Option<&'a str>,
+}
+
+/// How long a call took: in all, waiting on the upstream, and to the first response byte.
+pub struct Timings {
+    pub total: Duration,
+    pub upstream: Option<Duration>,
+    pub ttfb: Option<Duration>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -62,10 +72,9 @@ impl AccessLog {
     pub fn write(
         &self,
         call: &CallRecord,
-        total: Duration,
-        upstream: Option<Duration>,
-        ttfb: Option<Duration>,
+        t: Timings,
         rejection: Option<&Rejection>,
+        trace_id: Option<&str>,
     ) {
         if !self.sink.is_on() {
             return;
@@ -75,11 +84,12 @@ impl AccessLog {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis())
                 .unwrap_or(0),
+            trace_id,
             call,
             subject: call.subject(),
-            duration_ms: ms(total),
-            upstream_ms: upstream.map(ms),
-            ttfb_ms: ttfb.map(ms),
+            duration_ms: ms(t.total),
+            upstream_ms: t.upstream.map(ms),
+            ttfb_ms: t.ttfb.map(ms),
             error: rejection.map(|r| r.cause),
             error_message: rejection.map(|r| r.message.as_str()),
         };
@@ -154,7 +164,16 @@ mod tests {
             format: Format::Json,
         };
         for i in 0..100 {
-            log.write(&call(i), Duration::from_millis(1), None, None, None);
+            log.write(
+                &call(i),
+                Timings {
+                    total: Duration::from_millis(1),
+                    upstream: None,
+                    ttfb: None,
+                },
+                None,
+                None,
+            );
         }
         wait_for(&log.counters().written, 100);
         let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();

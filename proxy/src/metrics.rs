@@ -436,6 +436,7 @@ mod tests {
             allow: true,
             enforced: true,
             reason: None,
+            eval_ms: 0.01,
         });
         r.status = 200;
         r

@@ -10,6 +10,7 @@
 //! head exist by then, but no body byte is sent before the decision (see ARCHITECTURE.md).
 
 use crate::accesslog::AccessLog;
+use crate::accesslog::Timings;
 use crate::classify::{classify, ClassifyError, Destination};
 use crate::config::CallKind;
 use crate::decide::{self, CallFacts, PolicyCounters, Verdict};
@@ -264,6 +265,7 @@ impl MeshProxy {
             allow: out.decision.allow,
             enforced: !out.audited,
             reason: out.decision.reason.clone(),
+            eval_ms: out.evaluations.iter().map(|e| e.eval_ns).sum::<u64>() as f64 / 1e6,
         });
         if out.audited {
             tracing::warn!(
@@ -748,6 +750,17 @@ impl ProxyHttp for MeshProxy {
             }
         }
         if let Some(r) = ctx.record.as_ref() {
+            let trace_id = ctx.span.as_ref().map(CallSpan::trace_id);
+            self.access_log.write(
+                r,
+                Timings {
+                    total: ctx.started.elapsed(),
+                    upstream: ctx.upstream_started.map(|s| s.elapsed()),
+                    ttfb: ctx.first_byte,
+                },
+                ctx.rejection.as_ref(),
+                trace_id.as_deref(),
+            );
             let snap = self.store.snapshot();
             self.metrics
                 .call(self.source(&snap), r, ctx.started.elapsed());
@@ -756,13 +769,6 @@ impl ProxyHttp for MeshProxy {
                 let content = self.traces.capture_content();
                 span.finish(r, self.source(&snap), error.as_deref(), content);
             }
-            self.access_log.write(
-                r,
-                ctx.started.elapsed(),
-                ctx.upstream_started.map(|s| s.elapsed()),
-                ctx.first_byte,
-                ctx.rejection.as_ref(),
-            );
         }
     }
 }

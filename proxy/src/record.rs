@@ -45,6 +45,8 @@ pub struct PolicyResult {
     pub enforced: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Time spent evaluating the policy (all of a batch's documents), in milliseconds.
+    pub eval_ms: f64,
 }
 
 impl CallRecord {

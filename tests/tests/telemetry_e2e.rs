@@ -512,16 +512,17 @@ async fn each_call_is_a_span_that_continues_the_agents_trace() {
             );
         }
     }
-    let stats: Value = reqwest::get(format!("http://127.0.0.1:{}/stats", m.sc.admin))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert!(
-        stats["traces"]["exported"].as_u64().unwrap() >= 3,
-        "{stats}"
-    );
+    // The exporter counts a batch once the collector has answered for it.
+    let stats = wait_stats(&m.sc, |s| s["traces"]["exported"] == 3).await;
+    assert_eq!(stats["traces"]["ended"], 3, "{stats}");
+    // The access log names each call's trace and the policy's time.
+    for line in m.sc.wait_calls(3).await {
+        assert_eq!(line["trace_id"], TRACE, "{line}");
+        assert!(
+            line["decision"]["eval_ms"].as_f64().unwrap() > 0.0,
+            "{line}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -600,23 +601,25 @@ async fn calls_go_on_when_the_collector_is_down_and_lost_spans_are_counted() {
     .await;
     let n = traffic(&m.sc).await;
     m.sc.wait_calls(n).await;
+    let stats = wait_stats(&m.sc, |s| s["traces"]["export_failed"] == n as u64).await;
+    assert_eq!(stats["traces"]["exported"], 0, "{stats}");
+    assert_eq!(stats["traces"]["ended"], n as u64, "{stats}");
+}
+
+/// `/stats` once `pred` holds (within 15 s).
+async fn wait_stats(sc: &Sidecar, pred: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let stats: Value = reqwest::get(format!("http://127.0.0.1:{}/stats", m.sc.admin))
+        let stats: Value = reqwest::get(format!("http://127.0.0.1:{}/stats", sc.admin))
             .await
             .unwrap()
             .json()
             .await
             .unwrap();
-        let t = &stats["traces"];
-        assert_eq!(t["exported"], 0, "{stats}");
-        if t["export_failed"].as_u64() == Some(n as u64) {
-            break;
+        if pred(&stats) {
+            return stats;
         }
-        assert!(
-            Instant::now() < deadline,
-            "failed exports never counted: {stats}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(Instant::now() < deadline, "/stats never got there: {stats}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

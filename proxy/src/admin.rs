@@ -1,7 +1,8 @@
 //! The admin listener (design §2, port 15000): `/healthz` (the process serves), `/readyz` (a
 //! config is loaded and the listeners are up), `/config_dump` (the effective config with its
 //! version, policy revision and reload status), `/stats` (access-log, decision-log and decision
-//! counters), `/metrics` (Prometheus text format),
+//! counters), `/metrics` (Prometheus text format), `/tap` (finished calls, live, as server-sent
+//! events),
 //! `/logging` (show or change the log filter at runtime).
 //! Loopback only by default.
 
@@ -11,14 +12,19 @@ use crate::decisionlog::DecisionLog;
 use crate::logging::LogControl;
 use crate::metrics::{self, Metrics};
 use crate::state::Store;
+use crate::tap::{Tap, TapFilter};
 use crate::traces::Traces;
 use async_trait::async_trait;
+use bytes::Bytes;
 use http::Response;
-use pingora::apps::http_app::ServeHttp;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
+use tokio::sync::broadcast::error::RecvError;
 
 pub struct Admin {
     pub store: Arc<Store>,
@@ -27,6 +33,7 @@ pub struct Admin {
     pub policy_counters: Arc<PolicyCounters>,
     pub metrics: Arc<Metrics>,
     pub traces: Arc<Traces>,
+    pub tap: Arc<Tap>,
     pub log: Option<Arc<LogControl>>,
 }
 
@@ -58,7 +65,7 @@ fn logging(log: Option<&LogControl>, method: &str, query: Option<&str>) -> Respo
 }
 
 /// Decodes `%XX` escapes and `+` in a query value (filters contain `,` `=` and `::`).
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -101,7 +108,96 @@ fn response(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>>
 }
 
 #[async_trait]
-impl ServeHttp for Admin {
+impl HttpServerApp for Admin {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut http: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        match http.read_request().await {
+            Ok(true) => {}
+            _ => return None,
+        }
+        if http.req_header().uri.path() == "/tap" {
+            // A stream for as long as the watcher stays; the connection is not reused.
+            self.tap(&mut http, shutdown).await;
+            return None;
+        }
+        http.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+        let (parts, body) = self.response(&mut http).await.into_parts();
+        let header: ResponseHeader = parts.into();
+        http.write_response_header(Box::new(header)).await.ok()?;
+        http.write_response_body(Bytes::from(body), true)
+            .await
+            .ok()?;
+        let persistent = HttpPersistentSettings::for_session(&http);
+        match http.finish().await {
+            Ok(s) => s.map(|s| ReusedHttpStream::from_reusable_stream(s, persistent)),
+            Err(_) => None,
+        }
+    }
+}
+
+impl Admin {
+    /// `GET /tap[?agent=&kind=&target=&decision=&min_ms=]`: finished calls as server-sent
+    /// events (`data: {json}`), `event: lagged` when this watcher missed some, a comment every
+    /// 15 s to keep the stream (and to notice a watcher that left).
+    async fn tap(&self, http: &mut ServerSession, shutdown: &ShutdownWatch) {
+        let filter = match TapFilter::parse(http.req_header().uri.query()) {
+            Ok(f) => f,
+            Err(m) => {
+                let (parts, body) =
+                    json_response(400, json!({"error": {"type": "bad_request", "message": m}}))
+                        .into_parts();
+                let header: ResponseHeader = parts.into();
+                if http.write_response_header(Box::new(header)).await.is_ok() {
+                    let _ = http.write_response_body(Bytes::from(body), true).await;
+                }
+                return;
+            }
+        };
+        let mut events = self.tap.subscribe();
+        let Ok(mut header) = ResponseHeader::build(200, None) else {
+            return;
+        };
+        for (k, v) in [
+            ("content-type", "text/event-stream"),
+            ("cache-control", "no-cache"),
+            ("transfer-encoding", "chunked"),
+        ] {
+            let _ = header.insert_header(k, v);
+        }
+        if http.write_response_header(Box::new(header)).await.is_err() {
+            return;
+        }
+        let mut shutdown = shutdown.clone();
+        let mut next = Some(Bytes::from_static(b": agentmesh tap\n\n"));
+        loop {
+            if let Some(chunk) = next.take() {
+                if http.write_response_body(chunk, false).await.is_err() {
+                    return; // the watcher left
+                }
+            }
+            next = tokio::select! {
+                e = events.recv() => match e {
+                    Ok(e) if filter.matches(&e) => serde_json::to_string(&*e)
+                        .ok()
+                        .map(|j| Bytes::from(format!("data: {j}\n\n"))),
+                    Ok(_) => None,
+                    Err(RecvError::Lagged(n)) => Some(Bytes::from(format!(
+                        "event: lagged\ndata: {{\"missed\":{n}}}\n\n"
+                    ))),
+                    Err(RecvError::Closed) => break,
+                },
+                _ = shutdown.changed() => break,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(15)) => {
+                    Some(Bytes::from_static(b": keep-alive\n\n"))
+                }
+            };
+        }
+        let _ = http.write_response_body(Bytes::new(), true).await;
+    }
+
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
         match path.as_str() {
@@ -162,7 +258,7 @@ impl ServeHttp for Admin {
             ),
             _ => json_response(
                 404,
-                json!({"error": {"type": "not_found", "message": format!("no admin endpoint {path}; try /healthz, /readyz, /config_dump, /stats, /metrics, /logging")}}),
+                json!({"error": {"type": "not_found", "message": format!("no admin endpoint {path}; try /healthz, /readyz, /config_dump, /stats, /metrics, /tap, /logging")}}),
             ),
         }
     }

@@ -22,5 +22,6 @@ pub mod route;
 pub mod server;
 pub mod spend;
 pub mod state;
+pub mod tap;
 pub mod traces;
 pub mod usage;

@@ -21,6 +21,7 @@ use crate::reject::Rejection;
 use crate::route::{resolve, upstream_path, UpstreamState};
 use crate::spend::Spend;
 use crate::state::{Snapshot, Store};
+use crate::tap::{Tap, TapEvent};
 use crate::traces::{CallSpan, Traces};
 use crate::usage::UsageReader;
 use async_trait::async_trait;
@@ -41,6 +42,7 @@ pub struct MeshProxy {
     pub policy_counters: Arc<PolicyCounters>,
     pub metrics: Arc<Metrics>,
     pub traces: Arc<Traces>,
+    pub tap: Arc<Tap>,
     /// The local agent's LLM spend in the budget window.
     pub spend: Arc<Spend>,
 }
@@ -751,17 +753,18 @@ impl ProxyHttp for MeshProxy {
         }
         if let Some(r) = ctx.record.as_ref() {
             let trace_id = ctx.span.as_ref().map(CallSpan::trace_id);
-            self.access_log.write(
-                r,
-                Timings {
-                    total: ctx.started.elapsed(),
-                    upstream: ctx.upstream_started.map(|s| s.elapsed()),
-                    ttfb: ctx.first_byte,
-                },
-                ctx.rejection.as_ref(),
-                trace_id.as_deref(),
-            );
+            let times = Timings {
+                total: ctx.started.elapsed(),
+                upstream: ctx.upstream_started.map(|s| s.elapsed()),
+                ttfb: ctx.first_byte,
+            };
             let snap = self.store.snapshot();
+            if self.tap.watched() {
+                let event = TapEvent::new(r, self.source(&snap), &times, trace_id.as_deref());
+                self.tap.publish(event);
+            }
+            self.access_log
+                .write(r, times, ctx.rejection.as_ref(), trace_id.as_deref());
             self.metrics
                 .call(self.source(&snap), r, ctx.started.elapsed());
             if let Some(span) = ctx.span.take() {

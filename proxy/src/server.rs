@@ -12,6 +12,7 @@ use crate::record::Direction;
 use crate::reload::Reloader;
 use crate::spend::Spend;
 use crate::state::{Desired, Store};
+use crate::tap::Tap;
 use crate::traces::Traces;
 use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::ServerConf;
@@ -84,6 +85,7 @@ pub fn build(desired: Desired, opts: &RunOptions) -> anyhow::Result<Server> {
     let spend = Arc::new(Spend::new(store.snapshot().config.policy.budget_window));
     let policy_counters = Arc::new(PolicyCounters::default());
     let metrics = Arc::new(Metrics::default());
+    let tap = Arc::new(Tap::default());
     let access_log = Arc::new(AccessLog::open(&opts.access_log, opts.access_log_format)?);
     let decision_log = Arc::new(DecisionLog::open(&opts.decision_log)?);
 
@@ -98,6 +100,7 @@ pub fn build(desired: Desired, opts: &RunOptions) -> anyhow::Result<Server> {
         policy_counters: policy_counters.clone(),
         metrics: metrics.clone(),
         traces: traces.clone(),
+        tap: tap.clone(),
         spend: spend.clone(),
     };
     let mut outbound = ProxyServiceBuilder::new(&conf, proxy(Direction::Outbound))
@@ -118,15 +121,16 @@ pub fn build(desired: Desired, opts: &RunOptions) -> anyhow::Result<Server> {
 
     let mut admin = Service::new(
         "admin".to_string(),
-        pingora::apps::http_app::HttpServer::new_app(Admin {
+        Admin {
             store: store.clone(),
             access_log: access_log.clone(),
             decision_log,
             policy_counters,
             metrics,
             traces,
+            tap,
             log: opts.log.clone(),
-        }),
+        },
     );
     admin.add_tcp(&listeners.admin.to_string());
     server.add_service(admin);

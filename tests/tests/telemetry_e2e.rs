@@ -623,3 +623,78 @@ async fn wait_stats(sc: &Sidecar, pred: impl Fn(&Value) -> bool) -> Value {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Reads server-sent events from `/tap` until `n` data events arrived.
+async fn tap_events(resp: reqwest::Response, n: usize) -> Vec<Value> {
+    use futures::StreamExt;
+    let mut stream = resp.bytes_stream();
+    let mut text = String::new();
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while events.len() < n {
+        let chunk = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} tap events in time: {text}", events.len()))
+            .expect("the tap stream stays open")
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        events = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+    }
+    events
+}
+
+#[tokio::test]
+async fn the_tap_streams_calls_live_with_filters() {
+    let m = mesh("telemetry-tap").await;
+    let tap = |q: &str| {
+        reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/tap{q}", m.sc.admin))
+            .send()
+    };
+    let all = tap("").await.unwrap();
+    assert_eq!(all.headers()["content-type"], "text/event-stream");
+    let denials = tap("?kind=llm&decision=deny").await.unwrap();
+    let slow = tap("?min_ms=60000").await.unwrap();
+    let bad = tap("?user=bob").await.unwrap();
+    assert_eq!(bad.status(), 400);
+    assert!(bad.text().await.unwrap().contains("unknown filter `user`"));
+
+    let n = traffic(&m.sc).await;
+    let events = tap_events(all, n).await;
+    assert_eq!(events.len(), n);
+    let first = &events[0];
+    assert_eq!(first["source"], "tester");
+    assert_eq!(first["target"], "llm/openai");
+    assert_eq!(first["subject"], "gpt-4o-mini");
+    assert_eq!(first["decision"], "allow");
+    assert_eq!(
+        (
+            first["input_tokens"].as_u64(),
+            first["output_tokens"].as_u64()
+        ),
+        (Some(5), Some(4))
+    );
+    assert!(
+        (first["cost_usd"].as_f64().unwrap() - 0.013).abs() < 1e-9,
+        "{first}"
+    );
+
+    let denied = tap_events(denials, 1).await;
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert_eq!(denied[0]["subject"], "gpt-5");
+    assert_eq!(denied[0]["reason"], "model not allowed");
+    assert_eq!(denied[0]["status"], 403);
+
+    // Nothing took a minute: the stream is open but carries no event.
+    use futures::StreamExt;
+    let mut s = slow.bytes_stream();
+    let first_chunk = s.next().await.unwrap().unwrap();
+    assert_eq!(&first_chunk[..], b": agentmesh tap\n\n");
+    assert!(tokio::time::timeout(Duration::from_millis(500), s.next())
+        .await
+        .is_err());
+}

@@ -252,6 +252,7 @@ impl Admin {
                     // Spans made and exported; ended − exported − export_failed were dropped
                     // (queue full) or are still queued.
                     "traces": self.traces.enabled().then(|| &*self.traces.counters),
+                    "tap": {"watchers": self.tap.watchers()},
                     // Reloads of the config and its policy: rejected ones kept the last good.
                     "reloads": self.store.status(),
                 }),

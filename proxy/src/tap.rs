@@ -137,6 +137,11 @@ impl Tap {
         self.tx.receiver_count() > 0
     }
 
+    /// How many watch now.
+    pub fn watchers(&self) -> usize {
+        self.tx.receiver_count()
+    }
+
     pub fn publish(&self, e: TapEvent) {
         let _ = self.tx.send(Arc::new(e));
     }

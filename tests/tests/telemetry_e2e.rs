@@ -698,3 +698,79 @@ async fn the_tap_streams_calls_live_with_filters() {
         .await
         .is_err());
 }
+
+#[tokio::test]
+async fn agentmesh_tap_and_top_show_the_calls() {
+    let m = mesh("telemetry-cli").await;
+    let admin = format!("127.0.0.1:{}", m.sc.admin);
+    let cli = agentmesh_tests::bin_dir().join("agentmesh");
+    let run = |args: &[&str]| {
+        Command::new(&cli)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("agentmesh runs")
+    };
+    let tap = run(&["tap", "--admin", &admin, "--count", "5"]);
+    let top = run(&["top", "--admin", &admin, "--once", "5"]);
+    wait_stats(&m.sc, |s| s["tap"]["watchers"] == 2).await;
+    let n = traffic(&m.sc).await;
+    assert_eq!(n, 5);
+
+    let tap = tokio::task::spawn_blocking(move || tap.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&tap.stdout);
+    assert!(
+        tap.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&tap.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 6, "a header and one row per call:\n{text}");
+    assert!(
+        lines[0].starts_with("TIME") && lines[0].contains("DECISION"),
+        "{text}"
+    );
+    let denied = lines
+        .iter()
+        .find(|l| l.contains("gpt-5"))
+        .expect("the denied call");
+    assert!(
+        denied.contains(" deny ") && denied.contains(" 403 "),
+        "{denied}"
+    );
+    assert!(denied.ends_with("(model not allowed)"), "{denied}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("claude-haiku-4-5") && l.contains("5/4")),
+        "{text}"
+    );
+
+    let top = tokio::task::spawn_blocking(move || top.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&top.stdout);
+    assert!(
+        top.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&top.stderr)
+    );
+    let row = |dest: &str| {
+        text.lines()
+            .find(|l| l.starts_with("tester") && l.contains(dest))
+            .unwrap_or_else(|| panic!("no row for {dest}:\n{text}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    // SOURCE DESTINATION RPS SUCCESS DENIED P50 ms P99 ms TOK/S USD
+    let openai = row("llm/openai");
+    assert_eq!(openai[4], "1", "one denied: {openai:?}");
+    assert_eq!(openai[3], "66.7%", "{openai:?}");
+    let anthropic = row("llm/anthropic");
+    assert_eq!(anthropic[3], "100.0%", "{anthropic:?}");
+    assert_eq!(anthropic[10], "0.062000", "{anthropic:?}");
+}

@@ -1,7 +1,9 @@
-//! `agentmesh`, the mesh's command line. Today: `policy test` (run a directory's `test_` rules,
-//! like `opa test`) and `policy eval` (decide one input and show the rules that had a value).
+//! `agentmesh`, the mesh's command line: `policy test` (run a directory's `test_` rules, like
+//! `opa test`), `policy eval` (decide one input and show the rules that had a value), `tap`
+//! (a sidecar's calls as they end) and `top` (per-destination rates, latency and spend).
 
 mod policy;
+mod watch;
 
 use clap::{Parser, Subcommand};
 
@@ -17,12 +19,19 @@ enum Command {
     /// Write, test and try Rego policies.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Watch a sidecar's calls as they end: source, target, model or tool, decision, tokens,
+    /// cost, latency.
+    Tap(watch::TapArgs),
+    /// Per-destination request rate, success, denials, p50/p99 latency, tokens/s and spend, live.
+    Top(watch::TopArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Policy(cmd) => policy::run(cmd),
+        Command::Tap(args) => runtime().and_then(|rt| rt.block_on(watch::tap(args))),
+        Command::Top(args) => runtime().and_then(|rt| rt.block_on(watch::top(args))),
     };
     match code {
         Ok(code) => std::process::exit(code),
@@ -31,4 +40,10 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }

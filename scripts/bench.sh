@@ -9,7 +9,9 @@
 # Usage: scripts/bench.sh [RATE] [DURATION] [ROUNDS]   (defaults 1000 req/s, 30s per target, 30 rounds)
 # BENCH_SET=proxy (default): the sidecar's llm/ and http/ routes under an allow-all policy.
 # BENCH_SET=policy: the llm/ route under no-op, demo and library policies (interpreter, bytecode,
-#   cached). BENCH_SIZES="small large" (default) picks the answers measured.
+#   cached). BENCH_SET=telemetry: the llm/ route with telemetry off (metrics only, access log
+#   off) and on (access log to a file, a span per call exported over OTLP/gRPC to otlp-sink).
+#   BENCH_SIZES="small large" (default) picks the answers measured.
 # Targets are measured in turn, round after round, and each is compared with nginx round by round
 # (median per-round difference and a sign test), since one run's p99 moves by ~0.1 ms.
 # BENCH_CPUS=isolated (default): the load generator and the upstream run on CPU 0, each proxy
@@ -72,7 +74,7 @@ nginx_conf proxy "$WORKERS" "upstream up { server 127.0.0.1:$UP; keepalive 64; }
 # A sidecar for agent `planner` (the policy library's example manifest grants it llm/openai and
 # gpt-4o-mini), under the policy section given; prints its outbound port.
 sidecars=()
-sidecar() { # name policy-yaml
+sidecar() { # name policy-yaml [extra-yaml] [access-log]
   local out adm; out=$(port); adm=$(port)
   cat > "$W/$1.yaml" <<SIDECAR_CONF
 agent: {name: planner}
@@ -81,8 +83,9 @@ upstreams:
   - {name: llm/openai, endpoints: ["http://127.0.0.1:$UP"]}
   - {name: http/bench, endpoints: ["http://127.0.0.1:$UP"]}
 policy: $2
+${3:-}
 SIDECAR_CONF
-  $PROXY target/release/agentmesh-proxy --config "$W/$1.yaml" --access-log off --threads "$WORKERS" 2>"$W/$1.log" &
+  $PROXY target/release/agentmesh-proxy --config "$W/$1.yaml" --access-log "${4:-off}" --threads "$WORKERS" 2>"$W/$1.log" &
   pids+=($!); sidecars+=("$1:$!:$adm:$out")
 }
 ALLOW_ALL="{path: $PWD/tests/fixtures/policy-allow-all}"
@@ -99,7 +102,13 @@ case "${BENCH_SET:-proxy}" in
     sidecar library-bytecode "{path: $LIBRARY, engine: bytecode}"
     sidecar library-cached "{path: $LIBRARY, cache: {ttl: 60s, ignore: [/input/budget]}}"
     targets=("allow-all=llm/openai" "demo=llm/openai" "library=llm/openai" "library-bytecode=llm/openai" "library-cached=llm/openai") ;;
-  *) echo "bench: BENCH_SET is proxy or policy"; exit 1 ;;
+  telemetry) # the llm/ route with telemetry off (metrics only) and on (+ access log + OTLP spans)
+    OT=$(port)
+    $LOAD target/release/otlp-sink "127.0.0.1:$OT" 2>"$W/otlp-sink.log" & pids+=($!)
+    sidecar telemetry-off "$ALLOW_ALL"
+    sidecar telemetry-on "$ALLOW_ALL" "telemetry: {traces: {endpoint: \"http://127.0.0.1:$OT\"}}" "$W/access.jsonl"
+    targets=("telemetry-off=llm/openai" "telemetry-on=llm/openai") ;;
+  *) echo "bench: BENCH_SET is proxy, policy or telemetry"; exit 1 ;;
 esac
 $LOAD "$NGINX" -c "$W/upstream.conf" & pids+=($!)
 $PROXY "$NGINX" -c "$W/proxy.conf" & pids+=($!)
@@ -139,3 +148,8 @@ echo
 for s in "${sidecars[@]}"; do
   echo "sidecar $(echo "$s" | cut -d: -f1) memory after the run: $(grep -E 'VmRSS|VmHWM' /proc/$(echo "$s" | cut -d: -f2)/status | tr -s ' \t' ' ' | paste -sd ',')"
 done
+for s in "${sidecars[@]}"; do
+  traces=$(curl -fs "http://127.0.0.1:$(echo "$s" | cut -d: -f3)/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("traces"))' 2>/dev/null || true)
+  [ "$traces" != "None" ] && [ -n "$traces" ] && echo "sidecar $(echo "$s" | cut -d: -f1) spans: $traces"
+done
+true

@@ -6,6 +6,7 @@
 
 pub mod accesslog;
 pub mod admin;
+pub mod background;
 pub mod classify;
 pub mod config;
 pub mod cost;

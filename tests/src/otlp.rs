@@ -102,7 +102,12 @@ pub struct Receiver {
 impl Receiver {
     /// OTLP/gRPC: the endpoint is `http://127.0.0.1:PORT`.
     pub async fn grpc() -> Receiver {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::grpc_on("127.0.0.1:0").await
+    }
+
+    /// OTLP/gRPC on a given address.
+    pub async fn grpc_on(addr: &str) -> Receiver {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let store = Store::default();
         let svc = TraceServiceServer::new(store.clone());
@@ -159,6 +164,11 @@ impl Receiver {
             }
         });
         Receiver { port, store }
+    }
+
+    /// How many spans arrived.
+    pub fn count(&self) -> usize {
+        self.store.0.lock().unwrap().len()
     }
 
     pub fn spans(&self) -> Vec<ReceivedSpan> {

@@ -3,7 +3,7 @@
 //! Lines are rendered on the request's thread and written by a `LineSink`, which never blocks
 //! the proxy's workers.
 
-use crate::linesink::{Counters, LineSink};
+use crate::linesink::{Counters, LineSink, Rotation};
 use crate::record::CallRecord;
 use crate::reject::Rejection;
 use serde::Serialize;
@@ -58,9 +58,9 @@ fn ms(d: Duration) -> f64 {
 
 impl AccessLog {
     /// `spec` is `stdout`, `off`, or a file path (appended to).
-    pub fn open(spec: &str, format: Format) -> std::io::Result<AccessLog> {
+    pub fn open(spec: &str, format: Format, rotation: Rotation) -> std::io::Result<AccessLog> {
         Ok(AccessLog {
-            sink: LineSink::open(spec, "access-log")?,
+            sink: LineSink::open(spec, "access-log", rotation)?,
             format,
         })
     }

@@ -6,7 +6,7 @@
 //! thread through a `LineSink`.
 
 use crate::decide::{now_rfc3339, Evaluation};
-use crate::linesink::{Counters, LineSink};
+use crate::linesink::{Counters, LineSink, Rotation};
 use agentmesh_policy::Input;
 use serde_json::{json, Value};
 
@@ -28,9 +28,9 @@ pub struct Entry<'a> {
 
 impl DecisionLog {
     /// `spec` is `stdout`, `off`, or a file path (appended to).
-    pub fn open(spec: &str) -> std::io::Result<DecisionLog> {
+    pub fn open(spec: &str, rotation: Rotation) -> std::io::Result<DecisionLog> {
         Ok(DecisionLog {
-            sink: LineSink::open(spec, "decision-log")?,
+            sink: LineSink::open(spec, "decision-log", rotation)?,
         })
     }
 

@@ -2,7 +2,8 @@
 //! bounded queue, so a slow disk or a blocked stdout never stalls the proxy's workers. The thread
 //! batches whatever is queued and flushes when the queue runs dry. If the queue is full the line
 //! is counted as dropped (`/stats`) and a warning logged, never waited for. The access log and
-//! the decision log each write through one.
+//! the decision log each write through one. A file sink is rotated by size (`FILE` → `FILE.1` →
+//! ... → `FILE.N`, the oldest removed), between batches, so no line is split across files.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,19 +27,104 @@ pub struct LineSink {
     counters: Arc<Counters>,
 }
 
+/// When a log file is rotated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    /// Rotate once the file is at least this big (0: never).
+    pub max_bytes: u64,
+    /// Rotated files kept (`FILE.1` is the newest).
+    pub keep: usize,
+}
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Rotation {
+            max_bytes: 100 * 1024 * 1024,
+            keep: 5,
+        }
+    }
+}
+
+/// A log file that moves itself aside when it grows past its size.
+struct RotatingFile {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    size: u64,
+    rotation: Rotation,
+}
+
+impl RotatingFile {
+    fn open(path: &std::path::Path, rotation: Rotation) -> std::io::Result<RotatingFile> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let size = file.metadata()?.len();
+        Ok(RotatingFile {
+            path: path.to_path_buf(),
+            file,
+            size,
+            rotation,
+        })
+    }
+
+    fn numbered(&self, n: usize) -> std::path::PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(format!(".{n}"));
+        p.into()
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let keep = self.rotation.keep;
+        if keep == 0 {
+            self.file.set_len(0)?;
+            self.size = 0;
+            return Ok(());
+        }
+        let _ = std::fs::remove_file(self.numbered(keep));
+        for n in (1..keep).rev() {
+            let from = self.numbered(n);
+            if from.exists() {
+                std::fs::rename(&from, self.numbered(n + 1))?;
+            }
+        }
+        std::fs::rename(&self.path, self.numbered(1))?;
+        *self = RotatingFile::open(&self.path, self.rotation)?;
+        Ok(())
+    }
+}
+
+impl Write for RotatingFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    /// Called by the writer thread after each batch of whole lines: the place to rotate.
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()?;
+        if self.rotation.max_bytes > 0 && self.size >= self.rotation.max_bytes {
+            if let Err(e) = self.rotate() {
+                tracing::warn!(file = %self.path.display(), error = %e, "cannot rotate a log file");
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
 impl LineSink {
-    /// `spec` is `stdout`, `off`, or a file path (appended to); `name` names the writer thread
-    /// and the warnings.
-    pub fn open(spec: &str, name: &'static str) -> std::io::Result<LineSink> {
+    /// `spec` is `stdout`, `off`, or a file path (appended to, rotated by `rotation`); `name`
+    /// names the writer thread and the warnings.
+    pub fn open(spec: &str, name: &'static str, rotation: Rotation) -> std::io::Result<LineSink> {
         let sink: Option<Box<dyn Write + Send>> = match spec {
             "off" => None,
             "stdout" | "-" => Some(Box::new(std::io::stdout())),
-            path => Some(Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?,
-            )),
+            path => Some(Box::new(RotatingFile::open(
+                std::path::Path::new(path),
+                rotation,
+            )?)),
         };
         Self::with_writer(sink, name, QUEUE_LINES)
     }
@@ -143,6 +229,53 @@ pub(crate) mod tests {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    #[test]
+    fn files_rotate_by_size_between_lines_and_keep_the_newest() {
+        let dir = std::env::temp_dir().join(format!("agentmesh-rotate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("access.jsonl");
+        let rotation = Rotation {
+            max_bytes: 100,
+            keep: 2,
+        };
+        let log = LineSink::open(path.to_str().unwrap(), "test", rotation).unwrap();
+        // 45 lines of 10 bytes, sent one at a time so that batches are small.
+        for i in 0..45 {
+            log.send(format!("line {i:04}\n").into_bytes());
+            wait_for(&log.counters().written, i + 1);
+        }
+        let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+        let (now, one, two) = (
+            read(&path),
+            read(&dir.join("access.jsonl.1")),
+            read(&dir.join("access.jsonl.2")),
+        );
+        assert!(
+            !dir.join("access.jsonl.3").exists(),
+            "only 2 rotated files kept"
+        );
+        for f in [&one, &two] {
+            assert!(
+                f.len() >= 100 && f.len() < 200,
+                "rotated near the size: {}",
+                f.len()
+            );
+            assert!(
+                f.ends_with('\n') && f.lines().all(|l| l.len() == 9),
+                "whole lines: {f:?}"
+            );
+        }
+        // The newest lines are in the live file, the ones before in .1, then .2.
+        assert!(now.ends_with("line 0044\n"), "{now:?}");
+        let last_of = |f: &str| f.lines().last().unwrap()[5..].parse::<u32>().unwrap();
+        let first_of = |f: &str| f.lines().next().unwrap()[5..].parse::<u32>().unwrap();
+        assert_eq!(last_of(&two) + 1, first_of(&one));
+        assert_eq!(last_of(&one) + 1, first_of(&now));
+        assert_eq!(log.counters().write_errors.load(Ordering::Relaxed), 0);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

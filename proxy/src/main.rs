@@ -32,6 +32,13 @@ struct Args {
     /// `off` or a file path.
     #[arg(long, default_value = "off", env = "AGENTMESH_DECISION_LOG")]
     decision_log: String,
+    /// Rotate the access and decision log files once they reach this size (`100MiB`, `1GB`,
+    /// `0` never): FILE becomes FILE.1, FILE.1 becomes FILE.2, and so on.
+    #[arg(long, default_value = "100MiB", value_parser = parse_size, env = "AGENTMESH_LOG_MAX_SIZE")]
+    log_max_size: u64,
+    /// Rotated log files kept (FILE.1 ... FILE.N).
+    #[arg(long, default_value_t = 5, env = "AGENTMESH_LOG_MAX_FILES")]
+    log_max_files: usize,
     /// Format of the sidecar's own log lines on stderr (filter: `AGENTMESH_LOG`).
     #[arg(long, value_enum, default_value = "text", env = "AGENTMESH_LOG_FORMAT")]
     log_format: LogFormat,
@@ -91,6 +98,10 @@ fn main() {
         access_log: args.access_log,
         access_log_format: args.access_log_format,
         decision_log: args.decision_log,
+        rotation: agentmesh_proxy::linesink::Rotation {
+            max_bytes: args.log_max_size,
+            keep: args.log_max_files,
+        },
         log: Some(log),
     };
     match build(desired, &opts) {
@@ -99,6 +110,46 @@ fn main() {
             eprintln!("agentmesh-proxy: {e:#}");
             std::process::exit(1);
         }
+    }
+}
+
+/// A size: bytes, or with a KB/MB/GB (powers of 1000) or KiB/MiB/GiB (of 1024) suffix.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let at = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(at);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 100MiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` (use KB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(super::parse_size("100MiB"), Ok(100 << 20));
+        assert_eq!(super::parse_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(super::parse_size("512"), Ok(512));
+        assert_eq!(super::parse_size("0"), Ok(0));
+        assert!(super::parse_size("10 parsecs")
+            .unwrap_err()
+            .contains("parsecs"));
     }
 }
 

@@ -31,6 +31,8 @@ pub struct RunOptions {
     pub access_log_format: crate::accesslog::Format,
     /// `stdout`, `off` or a file path.
     pub decision_log: String,
+    /// When the access and decision log files are rotated.
+    pub rotation: crate::linesink::Rotation,
     /// The log filter's handle, for the admin port's `/logging`.
     pub log: Option<Arc<crate::logging::LogControl>>,
 }
@@ -86,8 +88,12 @@ pub fn build(desired: Desired, opts: &RunOptions) -> anyhow::Result<Server> {
     let policy_counters = Arc::new(PolicyCounters::default());
     let metrics = Arc::new(Metrics::default());
     let tap = Arc::new(Tap::default());
-    let access_log = Arc::new(AccessLog::open(&opts.access_log, opts.access_log_format)?);
-    let decision_log = Arc::new(DecisionLog::open(&opts.decision_log)?);
+    let access_log = Arc::new(AccessLog::open(
+        &opts.access_log,
+        opts.access_log_format,
+        opts.rotation,
+    )?);
+    let decision_log = Arc::new(DecisionLog::open(&opts.decision_log, opts.rotation)?);
 
     // The agent may speak h2c (prior knowledge) or HTTP/1.1 on the same port.
     let mut h2c = HttpServerOptions::default();

@@ -31,6 +31,8 @@ struct Line<'a> {
     /// The call's trace, when traces are on.
     #[serde(skip_serializing_if = "Option::is_none")]
     trace_id: Option<&'a str>,
+    /// Who called: the local agent (outbound), the peer (inbound; `unknown` until mTLS).
+    source: &'a str,
     #[serde(flatten)]
     call: &'a CallRecord,
     subject: String,
@@ -72,6 +74,7 @@ impl AccessLog {
     pub fn write(
         &self,
         call: &CallRecord,
+        source: &str,
         t: Timings,
         rejection: Option<&Rejection>,
         trace_id: Option<&str>,
@@ -85,6 +88,7 @@ impl AccessLog {
                 .map(|d| d.as_millis())
                 .unwrap_or(0),
             trace_id,
+            source,
             call,
             subject: call.subject(),
             duration_ms: ms(t.total),
@@ -166,6 +170,7 @@ mod tests {
         for i in 0..100 {
             log.write(
                 &call(i),
+                "tester",
                 Timings {
                     total: Duration::from_millis(1),
                     upstream: None,

@@ -763,8 +763,13 @@ impl ProxyHttp for MeshProxy {
                 let event = TapEvent::new(r, self.source(&snap), &times, trace_id.as_deref());
                 self.tap.publish(event);
             }
-            self.access_log
-                .write(r, times, ctx.rejection.as_ref(), trace_id.as_deref());
+            self.access_log.write(
+                r,
+                self.source(&snap),
+                times,
+                ctx.rejection.as_ref(),
+                trace_id.as_deref(),
+            );
             self.metrics
                 .call(self.source(&snap), r, ctx.started.elapsed());
             if let Some(span) = ctx.span.take() {

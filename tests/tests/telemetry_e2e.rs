@@ -518,6 +518,7 @@ async fn each_call_is_a_span_that_continues_the_agents_trace() {
     // The access log names each call's trace and the policy's time.
     for line in m.sc.wait_calls(3).await {
         assert_eq!(line["trace_id"], TRACE, "{line}");
+        assert_eq!(line["source"], "tester", "{line}");
         assert!(
             line["decision"]["eval_ms"].as_f64().unwrap() > 0.0,
             "{line}"

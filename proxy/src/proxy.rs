@@ -197,6 +197,9 @@ impl MeshProxy {
             llm_api: up.config.llm_api(),
         };
         rec.request_bytes = body.len() as u64;
+        if let (Some(span), CallKind::Llm) = (ctx.span.as_mut(), rec.kind) {
+            span.record_input(body);
+        }
         classify(rec, dest, &session.req_header().headers, body)
             .map_err(|e| classify_rejection(&e, &rec.target))
     }
@@ -623,6 +626,9 @@ impl ProxyHttp for MeshProxy {
         }
         if end_of_stream {
             if let (Some(u), Some(r)) = (ctx.usage.as_mut(), ctx.record.as_mut()) {
+                if let (Some(span), Some(body)) = (ctx.span.as_mut(), u.json_body()) {
+                    span.record_output(body);
+                }
                 u.finish();
                 if let Some(l) = r.llm.as_mut() {
                     l.usage = u.usage;

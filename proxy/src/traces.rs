@@ -62,6 +62,33 @@ struct Inner {
 pub struct CallSpan {
     span: opentelemetry_sdk::trace::Span,
     counters: Arc<SpanCounters>,
+    /// Prompts and completions may be recorded (`capture_content`).
+    content: bool,
+}
+
+/// Longest prompt or completion text put in a span; longer ones are cut, marked.
+const MAX_CONTENT: usize = 16 * 1024;
+
+/// The fields of an LLM request or response body that hold its content, as one JSON text.
+fn content_of(body: &[u8], fields: &[&str]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let picked: serde_json::Map<String, serde_json::Value> = fields
+        .iter()
+        .filter_map(|f| v.get(*f).map(|x| (f.to_string(), x.clone())))
+        .collect();
+    if picked.is_empty() {
+        return None;
+    }
+    let mut text = serde_json::Value::Object(picked).to_string();
+    if text.len() > MAX_CONTENT {
+        let mut cut = MAX_CONTENT;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str("…(truncated)");
+    }
+    Some(text)
 }
 
 /// Counts what the wrapped exporter sends and what fails.
@@ -237,6 +264,7 @@ impl Traces {
         Some(CallSpan {
             span,
             counters: self.counters.clone(),
+            content: inner.capture_content,
         })
     }
 
@@ -255,6 +283,30 @@ impl CallSpan {
         let mut out = Propagated::default();
         TraceContextPropagator::new().inject_context(&cx, &mut out);
         out
+    }
+
+    /// With `capture_content`: the prompt of an LLM request body (`messages`, `system`,
+    /// `input`, `instructions`) as `gen_ai.input.messages`.
+    pub fn record_input(&mut self, body: &[u8]) {
+        if !self.content {
+            return;
+        }
+        if let Some(t) = content_of(body, &["system", "instructions", "messages", "input"]) {
+            self.span
+                .set_attribute(KeyValue::new("gen_ai.input.messages", t));
+        }
+    }
+
+    /// With `capture_content`: the completion of a whole (not streamed) LLM response body
+    /// (`choices`, `content` or `output`) as `gen_ai.output.messages`.
+    pub fn record_output(&mut self, body: &[u8]) {
+        if !self.content {
+            return;
+        }
+        if let Some(t) = content_of(body, &["choices", "content", "output"]) {
+            self.span
+                .set_attribute(KeyValue::new("gen_ai.output.messages", t));
+        }
     }
 
     /// The trace id, for the access log.

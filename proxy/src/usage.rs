@@ -82,6 +82,14 @@ impl UsageReader {
         }
     }
 
+    /// The whole JSON body read so far (before `finish`), when this is a JSON response.
+    pub fn json_body(&self) -> Option<&[u8]> {
+        match &self.mode {
+            Mode::Json(buf) => Some(buf),
+            _ => None,
+        }
+    }
+
     /// Ends the body: reads a buffered JSON document.
     pub fn finish(&mut self) {
         if let Mode::Json(buf) = std::mem::replace(&mut self.mode, Mode::Off) {

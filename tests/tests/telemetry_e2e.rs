@@ -775,3 +775,29 @@ async fn agentmesh_tap_and_top_show_the_calls() {
     assert_eq!(anthropic[3], "100.0%", "{anthropic:?}");
     assert_eq!(anthropic[10], "0.062000", "{anthropic:?}");
 }
+
+#[tokio::test]
+async fn capture_content_puts_prompts_and_completions_in_spans() {
+    let rx = Receiver::grpc().await;
+    let m = mesh_with(
+        "telemetry-content",
+        &format!(
+            "telemetry: {{traces: {{endpoint: \"http://127.0.0.1:{}\", capture_content: true}}}}\n",
+            rx.port
+        ),
+    )
+    .await;
+    let chat = m.sc.url("/llm/openai/v1/chat/completions");
+    let ping = json!([{"role": "user", "content": "ping secret-prompt"}]);
+    let (s, reply) = post_traced(&chat, &json!({"model": "gpt-4o-mini", "messages": ping})).await;
+    assert_eq!(s, 200, "{reply}");
+    let spans = rx.wait(|s| !s.is_empty()).await;
+    let input = spans[0].attr("gen_ai.input.messages").expect("the prompt");
+    let input: Value = serde_json::from_str(&input).unwrap();
+    assert_eq!(input["messages"], ping);
+    let output = spans[0]
+        .attr("gen_ai.output.messages")
+        .expect("the completion");
+    let output: Value = serde_json::from_str(&output).unwrap();
+    assert_eq!(output["choices"], reply["choices"]);
+}

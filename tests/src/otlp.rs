@@ -53,8 +53,12 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// The spans received, and the headers (gRPC metadata) of the last export.
 #[derive(Clone, Default)]
-struct Store(Arc<Mutex<Vec<ReceivedSpan>>>);
+struct Store(
+    Arc<Mutex<Vec<ReceivedSpan>>>,
+    Arc<Mutex<Vec<(String, String)>>>,
+);
 
 impl Store {
     fn add(&self, req: ExportTraceServiceRequest) {
@@ -88,6 +92,16 @@ impl TraceService for Store {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        *self.1.lock().unwrap() = request
+            .metadata()
+            .iter()
+            .filter_map(|kv| match kv {
+                tonic::metadata::KeyAndValueRef::Ascii(k, v) => {
+                    Some((k.to_string(), v.to_str().ok()?.to_string()))
+                }
+                _ => None,
+            })
+            .collect();
         self.add(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
@@ -138,6 +152,13 @@ impl Receiver {
                         hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                             let s = s.clone();
                             async move {
+                                *s.1.lock().unwrap() = req
+                                    .headers()
+                                    .iter()
+                                    .filter_map(|(k, v)| {
+                                        Some((k.to_string(), v.to_str().ok()?.to_string()))
+                                    })
+                                    .collect();
                                 let path = req.uri().path().to_string();
                                 let body = req.into_body().collect().await?.to_bytes();
                                 let status = match ExportTraceServiceRequest::decode(body) {
@@ -164,6 +185,11 @@ impl Receiver {
             }
         });
         Receiver { port, store }
+    }
+
+    /// The headers (gRPC metadata) of the last export.
+    pub fn last_headers(&self) -> Vec<(String, String)> {
+        self.store.1.lock().unwrap().clone()
     }
 
     /// How many spans arrived.

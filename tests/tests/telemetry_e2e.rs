@@ -438,7 +438,7 @@ async fn each_call_is_a_span_that_continues_the_agents_trace() {
     let m = mesh_with(
         "telemetry-traces",
         &format!(
-            "telemetry: {{traces: {{endpoint: \"http://127.0.0.1:{}\"}}}}\n",
+            "telemetry: {{traces: {{endpoint: \"http://127.0.0.1:{}\", headers: {{x-collector-key: s3cret}}}}}}\n",
             rx.port
         ),
     )
@@ -503,6 +503,19 @@ async fn each_call_is_a_span_that_continues_the_agents_trace() {
     );
     assert_ne!(echoed.span_id(), AGENT_SPAN);
 
+    // The configured headers go with each export, and stay out of the config dump.
+    assert!(
+        rx.last_headers()
+            .contains(&("x-collector-key".into(), "s3cret".into())),
+        "{:?}",
+        rx.last_headers()
+    );
+    let dump = m.sc.config_dump().await;
+    assert_eq!(
+        dump["config"]["telemetry"]["traces"]["headers"]["x-collector-key"],
+        "<redacted>"
+    );
+    assert!(!dump.to_string().contains("s3cret"));
     // No prompt text anywhere in a span without capture_content.
     for s in &spans {
         for kv in &s.span.attributes {

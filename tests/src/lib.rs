@@ -274,3 +274,31 @@ impl Sidecar {
         }
     }
 }
+
+/// POSTs a JSON body with extra headers: the status and the body as text.
+pub async fn post_text(
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &serde_json::Value,
+) -> (u16, String) {
+    let mut r = reqwest::Client::new().post(url).json(body);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    let r = r.send().await.expect("the server answers");
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap_or_default())
+}
+
+/// POSTs a JSON body with extra headers: the status and the JSON answer (null if it is not JSON).
+pub async fn post_json(
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let (status, text) = post_text(url, headers, body).await;
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}

@@ -64,15 +64,7 @@ async fn mesh(tag: &str, rego: &str, policy_section: &str, extra: &str) -> Mesh 
     }
 }
 
-async fn post(url: &str, headers: &[(&str, &str)], body: &Value) -> (u16, Value) {
-    let mut r = reqwest::Client::new().post(url).json(body);
-    for (k, v) in headers {
-        r = r.header(*k, *v);
-    }
-    let r = r.send().await.expect("sidecar answers");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
+use agentmesh_tests::post_json as post;
 
 /// An OpenAI chat completion through the sidecar's `llm/openai`.
 async fn chat_call(sc: &Sidecar, model: &str) -> (u16, Value) {

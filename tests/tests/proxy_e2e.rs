@@ -12,14 +12,7 @@ fn chat() -> Value {
 }
 
 async fn post(url: &str, body: &Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(url)
-        .json(body)
-        .send()
-        .await
-        .expect("sidecar answers");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    agentmesh_tests::post_json(url, &[], body).await
 }
 
 /// A mock LLM and a sidecar that grants it as `llm/openai`; `fields` adds YAML lines to that

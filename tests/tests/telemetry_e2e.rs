@@ -70,15 +70,7 @@ async fn mesh_with(tag: &str, extra: &str) -> Mesh {
 }
 
 async fn post(url: &str, body: &Value) -> (u16, String) {
-    let r = reqwest::Client::new()
-        .post(url)
-        .header("anthropic-version", "2023-06-01")
-        .json(body)
-        .send()
-        .await
-        .expect("sidecar answers");
-    let status = r.status().as_u16();
-    (status, r.text().await.unwrap_or_default())
+    agentmesh_tests::post_text(url, &[("anthropic-version", "2023-06-01")], body).await
 }
 
 /// Four allowed calls (OpenAI and Anthropic, JSON and SSE) and one denied; returns their count.
@@ -420,16 +412,12 @@ const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const AGENT_SPAN: &str = "00f067aa0ba902b7";
 
 async fn post_traced(url: &str, body: &Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(url)
-        .header("traceparent", format!("00-{TRACE}-{AGENT_SPAN}-01"))
-        .header("tracestate", "vendor=agent")
-        .json(body)
-        .send()
-        .await
-        .expect("sidecar answers");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    let parent = format!("00-{TRACE}-{AGENT_SPAN}-01");
+    let headers = [
+        ("traceparent", parent.as_str()),
+        ("tracestate", "vendor=agent"),
+    ];
+    agentmesh_tests::post_json(url, &headers, body).await
 }
 
 #[tokio::test]

@@ -46,6 +46,15 @@ fn tagged(name: &'static str, value: Value) -> Value {
     Value::from(BTreeMap::from([(Value::from(name), value)]))
 }
 
+/// An integer serializer: the value widened to the 64-bit type regorus takes.
+macro_rules! widen {
+    ($name:ident, $t:ty, $wide:ty) => {
+        fn $name(self, v: $t) -> Result<Value, ToRegoError> {
+            Ok(Value::from(<$wide>::from(v)))
+        }
+    };
+}
+
 impl ser::Serializer for ToRego {
     type Ok = Value;
     type Error = ToRegoError;
@@ -60,30 +69,14 @@ impl ser::Serializer for ToRego {
     fn serialize_bool(self, v: bool) -> Result<Value, ToRegoError> {
         Ok(Value::from(v))
     }
-    fn serialize_i8(self, v: i8) -> Result<Value, ToRegoError> {
-        Ok(Value::from(i64::from(v)))
-    }
-    fn serialize_i16(self, v: i16) -> Result<Value, ToRegoError> {
-        Ok(Value::from(i64::from(v)))
-    }
-    fn serialize_i32(self, v: i32) -> Result<Value, ToRegoError> {
-        Ok(Value::from(i64::from(v)))
-    }
-    fn serialize_i64(self, v: i64) -> Result<Value, ToRegoError> {
-        Ok(Value::from(v))
-    }
-    fn serialize_u8(self, v: u8) -> Result<Value, ToRegoError> {
-        Ok(Value::from(u64::from(v)))
-    }
-    fn serialize_u16(self, v: u16) -> Result<Value, ToRegoError> {
-        Ok(Value::from(u64::from(v)))
-    }
-    fn serialize_u32(self, v: u32) -> Result<Value, ToRegoError> {
-        Ok(Value::from(u64::from(v)))
-    }
-    fn serialize_u64(self, v: u64) -> Result<Value, ToRegoError> {
-        Ok(Value::from(v))
-    }
+    widen!(serialize_i8, i8, i64);
+    widen!(serialize_i16, i16, i64);
+    widen!(serialize_i32, i32, i64);
+    widen!(serialize_i64, i64, i64);
+    widen!(serialize_u8, u8, u64);
+    widen!(serialize_u16, u16, u64);
+    widen!(serialize_u32, u32, u64);
+    widen!(serialize_u64, u64, u64);
     fn serialize_f32(self, v: f32) -> Result<Value, ToRegoError> {
         self.serialize_f64(f64::from(v))
     }

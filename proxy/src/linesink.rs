@@ -143,7 +143,7 @@ impl LineSink {
                 std::thread::Builder::new()
                     .name(name.into())
                     .spawn(move || {
-                        crate::background::lower_this_thread();
+                        crate::background::lower_this_thread(crate::background::Priority::Low);
                         let mut out = std::io::BufWriter::with_capacity(64 * 1024, sink);
                         // Blocks for the next line, takes every other queued one, then flushes.
                         while let Ok(first) = rx.recv() {

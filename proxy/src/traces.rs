@@ -101,7 +101,7 @@ struct Counted<E> {
 impl<E: SpanExporter> SpanExporter for Counted<E> {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         // The batch processor's own thread: encoding a batch must never delay a call.
-        crate::background::lower_this_thread_once();
+        crate::background::lower_this_thread_once(crate::background::Priority::Idle);
         let n = batch.len() as u64;
         let r = self.inner.export(batch).await;
         let c = if r.is_ok() {
@@ -167,7 +167,9 @@ impl Traces {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("otlp-export")
-            .on_thread_start(crate::background::lower_this_thread)
+            .on_thread_start(|| {
+                crate::background::lower_this_thread(crate::background::Priority::Idle)
+            })
             .enable_all()
             .build()
             .map_err(|e| TracesError::Setup(e.to_string()))?;

@@ -1,6 +1,7 @@
 //! Phase 6, observe (trace part): one OpenTelemetry span per call, exported over OTLP (gRPC or
 //! HTTP/protobuf) by a batch processor on its own thread, so a slow or absent collector never
-//! holds a call back: past `max_queue` spans are dropped and counted. The W3C `traceparent`
+//! holds a call back: past `max_queue` spans are dropped (`/stats` counts the spans ended,
+//! exported and failed; the rest were dropped or are still queued). The W3C `traceparent`
 //! the agent sent is continued (or a trace is started) and the call's own span is propagated
 //! upstream, so a conversation across agents and sidecars is one trace.
 //!
@@ -50,7 +51,8 @@ pub struct Traces {
 }
 
 struct Inner {
-    provider: SdkTracerProvider,
+    /// Kept for the life of the sidecar: its processor thread exports the spans.
+    _provider: SdkTracerProvider,
     tracer: SdkTracer,
     capture_content: bool,
     /// Runs the gRPC exporter's connection (tonic needs a tokio runtime of its own here: the
@@ -226,7 +228,7 @@ impl Traces {
         let tracer = provider.tracer("agentmesh-proxy");
         Ok(Traces {
             inner: Some(Inner {
-                provider,
+                _provider: provider,
                 tracer,
                 capture_content: cfg.capture_content,
                 _rt: rt,
@@ -268,13 +270,6 @@ impl Traces {
             counters: self.counters.clone(),
             content: inner.capture_content,
         })
-    }
-
-    /// Shuts the exporter down, sending what is queued (at process exit).
-    pub fn shutdown(&self) {
-        if let Some(i) = &self.inner {
-            let _ = i.provider.shutdown();
-        }
     }
 }
 

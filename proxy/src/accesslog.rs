@@ -27,7 +27,7 @@ pub struct AccessLog {
 #[derive(Serialize)]
 struct Line<'a> {
     /// Milliseconds since the Unix epoch.
-    ts_ms: u128,
+    ts_ms: u64,
     /// The call's trace, when traces are on.
     #[serde(skip_serializing_if = "Option::is_none")]
     trace_id: Option<&'a str>,
@@ -54,8 +54,17 @@ pub struct Timings {
     pub ttfb: Option<Duration>,
 }
 
-fn ms(d: Duration) -> f64 {
+/// A duration in milliseconds, to the microsecond.
+pub(crate) fn ms(d: Duration) -> f64 {
     (d.as_micros() as f64) / 1000.0
+}
+
+/// Now, in milliseconds since the Unix epoch.
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl AccessLog {
@@ -83,10 +92,7 @@ impl AccessLog {
             return;
         }
         let line = Line {
-            ts_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or(0),
+            ts_ms: unix_ms(),
             trace_id,
             source,
             call,

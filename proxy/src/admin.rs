@@ -107,6 +107,14 @@ fn response(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>>
         .unwrap_or_default()
 }
 
+/// Writes a whole response (header and body) to the session.
+async fn send(http: &mut ServerSession, resp: Response<Vec<u8>>) -> Option<()> {
+    let (parts, body) = resp.into_parts();
+    let header: ResponseHeader = parts.into();
+    http.write_response_header(Box::new(header)).await.ok()?;
+    http.write_response_body(Bytes::from(body), true).await.ok()
+}
+
 #[async_trait]
 impl HttpServerApp for Admin {
     async fn process_new_http(
@@ -124,12 +132,8 @@ impl HttpServerApp for Admin {
             return None;
         }
         http.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
-        let (parts, body) = self.response(&mut http).await.into_parts();
-        let header: ResponseHeader = parts.into();
-        http.write_response_header(Box::new(header)).await.ok()?;
-        http.write_response_body(Bytes::from(body), true)
-            .await
-            .ok()?;
+        let resp = self.response(&mut http).await;
+        send(&mut http, resp).await?;
         let persistent = HttpPersistentSettings::for_session(&http);
         match http.finish().await {
             Ok(s) => s.map(|s| ReusedHttpStream::from_reusable_stream(s, persistent)),
@@ -146,13 +150,8 @@ impl Admin {
         let filter = match TapFilter::parse(http.req_header().uri.query()) {
             Ok(f) => f,
             Err(m) => {
-                let (parts, body) =
-                    json_response(400, json!({"error": {"type": "bad_request", "message": m}}))
-                        .into_parts();
-                let header: ResponseHeader = parts.into();
-                if http.write_response_header(Box::new(header)).await.is_ok() {
-                    let _ = http.write_response_body(Bytes::from(body), true).await;
-                }
+                let bad = json!({"error": {"type": "bad_request", "message": m}});
+                let _ = send(http, json_response(400, bad)).await;
                 return;
             }
         };

@@ -8,7 +8,7 @@
 //! `other`. No user id, tool argument or prompt ever becomes a label.
 
 use crate::decide::Outcome;
-use crate::record::{CallRecord, LlmOperation};
+use crate::record::{CallRecord, LlmOperation, PolicyResult};
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::Mutex;
@@ -305,12 +305,7 @@ impl Default for Metrics {
 /// The `decision` label of a call: what policy said, or `none` for calls refused before policy
 /// (unknown names, malformed bodies).
 pub fn decision_label(rec: &CallRecord) -> &'static str {
-    match &rec.decision {
-        None => "none",
-        Some(d) if d.allow => "allow",
-        Some(d) if !d.enforced => "audit_deny",
-        Some(_) => "deny",
-    }
+    rec.decision.as_ref().map_or("none", PolicyResult::label)
 }
 
 /// The GenAI `gen_ai.operation.name` of an LLM API operation.
@@ -367,7 +362,6 @@ impl Metrics {
             return;
         };
         let op = operation_name(llm.operation);
-        let model = self.models.admit(llm.model.as_deref().unwrap_or(""));
         let genai = [source, op, llm.provider.as_str(), model];
         self.operation_duration.with(&genai, |h| h.observe(secs));
         for (kind, n) in [

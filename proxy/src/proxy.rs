@@ -31,7 +31,7 @@ use pingora::prelude::*;
 use pingora_error::{ErrorSource, ErrorType};
 use pingora_proxy::FailToProxy;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// One proxy per listener: outbound (agent → mesh) or inbound (mesh → agent).
 pub struct MeshProxy {
@@ -397,11 +397,9 @@ impl ProxyHttp for MeshProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut CallCtx) -> Result<bool> {
-        ctx.span = self.traces.start(
-            self.direction,
-            &session.req_header().headers,
-            SystemTime::now() - ctx.started.elapsed(),
-        );
+        ctx.span = self
+            .traces
+            .start(self.direction, &session.req_header().headers, ctx.started);
         let snap = self.store.snapshot();
         ctx.limit = snap.config.limits.max_inspect_body_bytes;
         if let Err(rej) = self.select(session, &snap, ctx) {
@@ -780,8 +778,7 @@ impl ProxyHttp for MeshProxy {
                 .call(self.source(&snap), r, ctx.started.elapsed());
             if let Some(span) = ctx.span.take() {
                 let error = e.map(|e| e.to_string());
-                let content = self.traces.capture_content();
-                span.finish(r, self.source(&snap), error.as_deref(), content);
+                span.finish(r, self.source(&snap), error.as_deref());
             }
         }
     }

@@ -49,6 +49,18 @@ pub struct PolicyResult {
     pub eval_ms: f64,
 }
 
+impl PolicyResult {
+    /// `allow`, `deny`, or `audit_deny` (a deny that audit mode let through), as telemetry
+    /// labels it.
+    pub fn label(&self) -> &'static str {
+        match (self.allow, self.enforced) {
+            (true, _) => "allow",
+            (false, true) => "deny",
+            (false, false) => "audit_deny",
+        }
+    }
+}
+
 impl CallRecord {
     pub fn new(
         direction: Direction,

@@ -2,12 +2,11 @@
 //! `/tap` on the admin port, like `linkerd viz tap`. Nothing is built when no one watches; a
 //! watcher that falls behind is told how many events it missed, and the proxy never waits for it.
 
-use crate::accesslog::Timings;
+use crate::accesslog::{ms, unix_ms, Timings};
 use crate::metrics::decision_label;
 use crate::record::CallRecord;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::broadcast;
 
 /// Events a slow watcher may fall behind by before it starts missing some.
@@ -43,12 +42,8 @@ pub struct TapEvent {
 
 impl TapEvent {
     pub fn new(rec: &CallRecord, source: &str, t: &Timings, trace_id: Option<&str>) -> TapEvent {
-        let ms = |d: std::time::Duration| d.as_micros() as f64 / 1000.0;
         TapEvent {
-            ts_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            ts_ms: unix_ms(),
             trace_id: trace_id.map(str::to_string),
             direction: format!("{:?}", rec.direction).to_lowercase(),
             source: source.to_string(),

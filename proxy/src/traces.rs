@@ -26,7 +26,7 @@ use opentelemetry_sdk::Resource;
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 /// Why trace export could not be set up (a bad endpoint or header).
 #[derive(Debug, thiserror::Error)]
@@ -241,19 +241,15 @@ impl Traces {
         self.inner.is_some()
     }
 
-    /// Whether spans may carry prompts, completions and tool arguments.
-    pub fn capture_content(&self) -> bool {
-        self.inner.as_ref().is_some_and(|i| i.capture_content)
-    }
-
     /// Starts a call's span, child of the agent's `traceparent` if it sent one.
     pub fn start(
         &self,
         direction: Direction,
         headers: &http::HeaderMap,
-        started: SystemTime,
+        started: Instant,
     ) -> Option<CallSpan> {
         let inner = self.inner.as_ref()?;
+        let started = SystemTime::now() - started.elapsed();
         let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
         let kind = match direction {
             Direction::Outbound => SpanKind::Client,
@@ -312,8 +308,8 @@ impl CallSpan {
     }
 
     /// Names the span and sets the call's attributes, then ends it.
-    pub fn finish(mut self, rec: &CallRecord, source: &str, error: Option<&str>, content: bool) {
-        let (name, attrs) = describe(rec, source, content);
+    pub fn finish(mut self, rec: &CallRecord, source: &str, error: Option<&str>) {
+        let (name, attrs) = describe(rec, source, self.content);
         self.span.update_name(name);
         self.span.set_attributes(attrs);
         if let Some(e) = error {
@@ -338,14 +334,7 @@ pub fn describe(rec: &CallRecord, source: &str, content: bool) -> (String, Vec<K
         KeyValue::new("http.response.status_code", i64::from(rec.status)),
     ];
     if let Some(d) = &rec.decision {
-        let label = if d.allow {
-            "allow"
-        } else if d.enforced {
-            "deny"
-        } else {
-            "audit_deny"
-        };
-        a.push(KeyValue::new("agentmesh.decision", label));
+        a.push(KeyValue::new("agentmesh.decision", d.label()));
         if let Some(r) = &d.reason {
             a.push(KeyValue::new("agentmesh.policy.reason", r.clone()));
         }

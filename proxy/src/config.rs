@@ -2,6 +2,10 @@
 //! control plane later (issue 'Control server'). Loading validates everything up front, and every
 //! error names the file, the line and the field, so an operator can fix it without guessing.
 
+pub use agentmesh_control_api::upstream::{
+    is_dns_label, read_pem_certs, split_name, CallKind, CircuitBreakerConfig, Endpoint, LlmApi,
+    Retries, Timeouts, TlsConfig, UpstreamConfig,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -260,145 +264,6 @@ impl Default for Limits {
     }
 }
 
-/// The kind of a call, from the upstream's logical name prefix (design §2).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
-#[serde(rename_all = "lowercase")]
-pub enum CallKind {
-    Llm,
-    Mcp,
-    A2a,
-    Http,
-}
-
-impl CallKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CallKind::Llm => "llm",
-            CallKind::Mcp => "mcp",
-            CallKind::A2a => "a2a",
-            CallKind::Http => "http",
-        }
-    }
-
-    /// The name prefix that selects this kind: `llm/`, `mcp/`, `agents/`, `http/`.
-    pub fn from_prefix(prefix: &str) -> Option<CallKind> {
-        match prefix {
-            "llm" => Some(CallKind::Llm),
-            "mcp" => Some(CallKind::Mcp),
-            "agents" => Some(CallKind::A2a),
-            "http" => Some(CallKind::Http),
-            _ => None,
-        }
-    }
-
-    /// Whether requests of this kind have their JSON body read before forwarding.
-    pub fn inspects_body(self) -> bool {
-        !matches!(self, CallKind::Http)
-    }
-}
-
-/// LLM API family an `llm/*` upstream speaks.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LlmApi {
-    Openai,
-    Anthropic,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamConfig {
-    /// Logical name: `llm/<provider>`, `mcp/<server>`, `agents/<agent>` or `http/<name>`.
-    pub name: String,
-    /// Base URLs, e.g. `https://api.openai.com` or `http://127.0.0.1:9000/base`.
-    pub endpoints: Vec<String>,
-    /// For `llm/*`: the API family; inferred for the providers `openai` and `anthropic`.
-    #[serde(default)]
-    pub api: Option<LlmApi>,
-    #[serde(default)]
-    pub timeouts: Timeouts,
-    #[serde(default)]
-    pub retries: Retries,
-    #[serde(default)]
-    pub circuit_breaker: CircuitBreakerConfig,
-    #[serde(default)]
-    pub tls: TlsConfig,
-    /// Offer HTTP/2 by ALPN on TLS endpoints (default true).
-    #[serde(default = "default_true")]
-    pub http2: bool,
-    /// Let calls through when the policy fails to evaluate (default: deny them). A policy's
-    /// deny is always enforced; this covers only errors.
-    #[serde(default)]
-    pub fail_open: bool,
-}
-
-fn default_true() -> bool {
-    true
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct Timeouts {
-    #[serde(with = "humantime_serde")]
-    pub connect: Duration,
-    /// Longest wait for the next bytes of the response (not the whole stream).
-    #[serde(with = "humantime_serde")]
-    pub read: Duration,
-    /// How long an idle pooled connection is kept.
-    #[serde(with = "humantime_serde")]
-    pub idle: Duration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Timeouts {
-            connect: Duration::from_secs(2),
-            read: Duration::from_secs(120),
-            idle: Duration::from_secs(60),
-        }
-    }
-}
-
-/// Retries apply only to safe calls: failed connects always, idempotent methods otherwise.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct Retries {
-    pub attempts: usize,
-}
-
-impl Default for Retries {
-    fn default() -> Self {
-        Retries { attempts: 2 }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct CircuitBreakerConfig {
-    /// Consecutive failures (connect errors, 5xx) that open the circuit; 0 disables it.
-    pub consecutive_failures: u32,
-    #[serde(with = "humantime_serde")]
-    pub cool_down: Duration,
-}
-
-impl Default for CircuitBreakerConfig {
-    fn default() -> Self {
-        CircuitBreakerConfig {
-            consecutive_failures: 5,
-            cool_down: Duration::from_secs(10),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct TlsConfig {
-    /// PEM file of CA certificates to trust instead of the system roots.
-    pub ca_file: Option<PathBuf>,
-    /// Server name to verify, when it differs from the endpoint host.
-    pub sni: Option<String>,
-}
-
 impl Config {
     /// Reads, parses and validates a YAML bootstrap file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -548,45 +413,13 @@ impl Config {
         }
         let mut seen = std::collections::HashSet::new();
         for (i, up) in self.upstreams.iter().enumerate() {
-            let at = |f: &str| format!("upstreams[{i}].{f}");
-            let (kind, rest) = split_name(&up.name).ok_or_else(|| {
-                invalid(
-                    at("name"),
-                    format!(
-                        "`{}` must be `llm/<provider>`, `mcp/<server>`, `agents/<agent>` or `http/<name>`",
-                        up.name
-                    ),
-                )
-            })?;
+            up.validate()
+                .map_err(|e| invalid(format!("upstreams[{i}].{}", e.field), e.message))?;
             if !seen.insert(up.name.as_str()) {
                 return Err(invalid(
-                    at("name"),
+                    format!("upstreams[{i}].name"),
                     format!("`{}` is declared twice", up.name),
                 ));
-            }
-            if up.endpoints.is_empty() {
-                return Err(invalid(
-                    at("endpoints"),
-                    "at least one endpoint is required".into(),
-                ));
-            }
-            for (j, ep) in up.endpoints.iter().enumerate() {
-                Endpoint::parse(ep).map_err(|m| invalid(at(&format!("endpoints[{j}]")), m))?;
-            }
-            if kind == CallKind::Llm && up.api.is_none() && infer_llm_api(rest).is_none() {
-                return Err(invalid(
-                    at("api"),
-                    format!("cannot infer the API of provider `{rest}`: set `api: openai` or `api: anthropic`"),
-                ));
-            }
-            if kind != CallKind::Llm && up.api.is_some() {
-                return Err(invalid(
-                    at("api"),
-                    "only `llm/*` upstreams take an `api`".into(),
-                ));
-            }
-            if let Some(ca) = &up.tls.ca_file {
-                read_pem_certs(ca).map_err(|m| invalid(at("tls.ca_file"), m))?;
             }
         }
         Ok(())
@@ -596,122 +429,6 @@ impl Config {
     /// goes through this one function so that issue 6's secrets are masked in one place.
     pub fn redacted(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
-    }
-}
-
-impl UpstreamConfig {
-    /// The LLM API family, explicit or inferred from the provider name.
-    pub fn llm_api(&self) -> Option<LlmApi> {
-        self.api
-            .or_else(|| split_name(&self.name).and_then(|(_, p)| infer_llm_api(p)))
-    }
-
-    /// The part after the prefix: the provider, server, agent or service name.
-    pub fn short_name(&self) -> &str {
-        split_name(&self.name).map(|(_, n)| n).unwrap_or(&self.name)
-    }
-}
-
-/// Reads every certificate of a PEM file (DER bytes); an unreadable file or one without
-/// certificates is an error, so a typo never silently falls back to other roots.
-pub fn read_pem_certs(path: &Path) -> Result<Vec<Vec<u8>>, String> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer};
-    let certs: Vec<Vec<u8>> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: bad PEM: {e}", path.display()))?
-        .into_iter()
-        .map(|c| c.to_vec())
-        .collect();
-    if certs.is_empty() {
-        return Err(format!("{} holds no PEM certificate", path.display()));
-    }
-    Ok(certs)
-}
-
-fn infer_llm_api(provider: &str) -> Option<LlmApi> {
-    match provider {
-        "openai" => Some(LlmApi::Openai),
-        "anthropic" => Some(LlmApi::Anthropic),
-        _ => None,
-    }
-}
-
-/// Splits `llm/openai` into its kind and name, checking both halves.
-pub fn split_name(name: &str) -> Option<(CallKind, &str)> {
-    let (prefix, rest) = name.split_once('/')?;
-    let kind = CallKind::from_prefix(prefix)?;
-    is_dns_label(rest).then_some((kind, rest))
-}
-
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.'
-        })
-        && !s.starts_with('-')
-}
-
-/// One parsed endpoint URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-    /// Path prefix to put before the forwarded path (no trailing slash), may be empty.
-    pub base_path: String,
-    /// The `Host` header value: host (bracketed if IPv6), with the port when not the default.
-    pub authority: String,
-}
-
-impl Endpoint {
-    pub fn parse(url: &str) -> Result<Endpoint, String> {
-        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
-            (true, r)
-        } else if let Some(r) = url.strip_prefix("http://") {
-            (false, r)
-        } else {
-            return Err(format!("`{url}` must start with http:// or https://"));
-        };
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, ""),
-        };
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-                let port = p
-                    .parse::<u16>()
-                    .map_err(|_| format!("`{url}` has an invalid port"))?;
-                (h, port)
-            }
-            _ => (authority, if tls { 443 } else { 80 }),
-        };
-        if host.is_empty() {
-            return Err(format!("`{url}` has no host"));
-        }
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let bracketed = if host.contains(':') {
-            format!("[{host}]")
-        } else {
-            host.clone()
-        };
-        let default_port = if tls { 443 } else { 80 };
-        let authority = if port == default_port {
-            bracketed
-        } else {
-            format!("{bracketed}:{port}")
-        };
-        Ok(Endpoint {
-            tls,
-            host,
-            port,
-            base_path: path.trim_end_matches('/').to_string(),
-            authority,
-        })
     }
 }
 

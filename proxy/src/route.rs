@@ -2,9 +2,7 @@
 //! `Host: openai.llm.mesh`) to an upstream, and pick one of its endpoints with round-robin over
 //! those whose circuit is closed. Pure functions of (request, snapshot), tested without network.
 
-use crate::config::{
-    read_pem_certs, split_name, CallKind, CircuitBreakerConfig, Endpoint, UpstreamConfig,
-};
+use crate::config::{split_name, CallKind, CircuitBreakerConfig, Endpoint, UpstreamConfig};
 use pingora::protocols::tls::CaType;
 use pingora::utils::tls::WrappedX509;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -102,15 +100,15 @@ pub struct UpstreamState {
     epoch: Instant,
     /// Connection-pool key: a hash of the upstream's config.
     pub pool_key: u64,
-    /// Trusted roots from `tls.ca_file`, read once per config version (not per connection).
+    /// Trusted roots from `tls.ca_file` or `tls.ca_pem`, read once per config version (not per connection).
     pub ca: Option<Result<Arc<CaType>, String>>,
     /// Last resolved address per endpoint, for names (IP literals never need DNS).
     resolved: Vec<std::sync::Mutex<Option<(Instant, std::net::SocketAddr)>>>,
 }
 
-/// Reads a PEM CA file into pingora's per-peer CA list.
-fn load_ca(path: &std::path::Path) -> Result<Arc<CaType>, String> {
-    let certs: Vec<WrappedX509> = read_pem_certs(path)?
+/// Turns CA certificates (DER) into pingora's per-peer CA list.
+fn load_ca(der: Result<Vec<Vec<u8>>, String>) -> Result<Arc<CaType>, String> {
+    let certs: Vec<WrappedX509> = der?
         .into_iter()
         .map(|der| WrappedX509::new(der, pingora::utils::tls::parse_x509))
         .collect();
@@ -139,7 +137,7 @@ impl UpstreamState {
             next: AtomicUsize::new(0),
             epoch: Instant::now(),
             pool_key,
-            ca: config.tls.ca_file.as_deref().map(load_ca),
+            ca: config.tls.ca_certs().map(load_ca),
             resolved: (0..n).map(|_| std::sync::Mutex::new(None)).collect(),
             config,
         })

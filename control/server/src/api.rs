@@ -1,0 +1,337 @@
+//! The registry API (HTTPS JSON on 15012, described by `/openapi.json`): list and search agents
+//! by skill, owner or tag; get one, its A2A card, its health (last heartbeat from its sidecars)
+//! and its certification record; register and deregister agents; read every sidecar's ACK/NACK
+//! state and the config source's status. Reads are open to whoever reaches the port; changes
+//! need the admin token (`Authorization: Bearer`), closed by default.
+
+use crate::control::Control;
+use crate::model::{check_agent, AgentSpec};
+use crate::registry::{now_unix, Certification, HEALTH_WINDOW};
+use crate::resources::card;
+use agentmesh_control_api::discovery as wire;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+#[derive(Clone)]
+pub struct Api {
+    pub control: Arc<Control>,
+    /// The admin token that changes need.
+    pub token: Arc<String>,
+}
+
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/openapi.json", get(openapi))
+        .route("/v1/status", get(status))
+        .route("/v1/sidecars", get(sidecars))
+        .route("/v1/agents", get(list).post(register))
+        .route("/v1/agents/{name}", get(show).delete(deregister))
+        .route("/v1/agents/{name}/card", get(agent_card))
+        .route("/v1/agents/{name}/health", get(health))
+        .route(
+            "/v1/agents/{name}/certification",
+            get(certification).post(certify),
+        )
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /openapi.json") })
+        .with_state(api)
+}
+
+fn error(status: StatusCode, kind: &str, message: &str) -> Response {
+    (
+        status,
+        Json(json!({"error": {"type": kind, "message": message}})),
+    )
+        .into_response()
+}
+
+impl Api {
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), Response> {
+        let given = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(t) if constant_time_eq(t.as_bytes(), self.token.as_bytes()) => Ok(()),
+            Some(_) => Err(error(StatusCode::FORBIDDEN, "forbidden", "wrong admin token")),
+            None => Err(error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "changes need `Authorization: Bearer <admin token>` (the control server's state directory holds it in `admin-token`)",
+            )),
+        }
+    }
+
+    /// One agent as the API shows it.
+    fn view(&self, a: &wire::Agent) -> Value {
+        let declared = self.control.catalog().agents.contains_key(&a.name);
+        let heartbeat = self.control.registry.last_heartbeat(&a.name);
+        json!({
+            "name": a.name,
+            "namespace": a.namespace,
+            "spiffe_id": a.spiffe_id,
+            "description": a.description,
+            "owner": a.owner,
+            "tags": a.tags,
+            "skills": a.skills.iter().map(|s| json!({"id": s.id, "name": s.name, "description": s.description, "tags": s.tags})).collect::<Vec<_>>(),
+            "endpoints": a.endpoints.iter().map(|e| json!({"url": e.url, "healthy": e.healthy})).collect::<Vec<_>>(),
+            "source": if declared { "config" } else { "registered" },
+            "healthy": healthy(heartbeat),
+            "last_heartbeat_unix": heartbeat,
+            "certification": a.certification.iter().map(|c| json!({"check": c.check, "passed": c.passed, "at_unix": c.at_unix, "by": c.by, "detail": c.detail})).collect::<Vec<_>>(),
+        })
+    }
+
+    fn find(&self, name: &str) -> Result<wire::Agent, Response> {
+        self.control.world().agent(name).cloned().ok_or_else(|| {
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no agent `{name}` is declared or registered"),
+            )
+        })
+    }
+}
+
+fn healthy(heartbeat: Option<u64>) -> bool {
+    heartbeat.is_some_and(|t| now_unix().saturating_sub(t) <= HEALTH_WINDOW.as_secs())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct Search {
+    skill: Option<String>,
+    owner: Option<String>,
+    tag: Option<String>,
+    /// Words matched against name, description and skills.
+    q: Option<String>,
+}
+
+async fn list(State(api): State<Api>, Query(s): Query<Search>) -> Response {
+    let world = api.control.world();
+    let mut agents: Vec<&wire::Agent> = world
+        .agents()
+        .filter(|a| {
+            s.skill
+                .as_ref()
+                .is_none_or(|k| a.skills.iter().any(|x| &x.id == k || x.tags.contains(k)))
+                && s.owner.as_ref().is_none_or(|o| &a.owner == o)
+                && s.tag.as_ref().is_none_or(|t| a.tags.contains(t))
+                && s.q.as_ref().is_none_or(|q| {
+                    let q = q.to_lowercase();
+                    a.name.contains(&q)
+                        || a.description.to_lowercase().contains(&q)
+                        || a.skills.iter().any(|k| {
+                            k.id.contains(&q)
+                                || k.name.to_lowercase().contains(&q)
+                                || k.description.to_lowercase().contains(&q)
+                        })
+                })
+        })
+        .collect();
+    agents.sort_by(|a, b| a.name.cmp(&b.name));
+    Json(json!({"agents": agents.iter().map(|a| api.view(a)).collect::<Vec<_>>()})).into_response()
+}
+
+async fn show(State(api): State<Api>, Path(name): Path<String>) -> Response {
+    match api.find(&name) {
+        Ok(a) => {
+            let mut v = api.view(&a);
+            v["card"] = serde_json::from_str(&a.card_json).unwrap_or(Value::Null);
+            Json(v).into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+async fn agent_card(State(api): State<Api>, Path(name): Path<String>) -> Response {
+    match api.find(&name) {
+        Ok(a) => (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            a.card_json,
+        )
+            .into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn health(State(api): State<Api>, Path(name): Path<String>) -> Response {
+    if let Err(r) = api.find(&name) {
+        return r;
+    }
+    let heartbeat = api.control.registry.last_heartbeat(&name);
+    let sidecars: Vec<_> = api
+        .control
+        .registry
+        .sidecars()
+        .into_iter()
+        .filter(|s| s.agent == name)
+        .collect();
+    Json(json!({
+        "agent": name,
+        "healthy": healthy(heartbeat),
+        "last_heartbeat_unix": heartbeat,
+        "window_seconds": HEALTH_WINDOW.as_secs(),
+        "sidecars": sidecars,
+    }))
+    .into_response()
+}
+
+async fn certification(State(api): State<Api>, Path(name): Path<String>) -> Response {
+    if let Err(r) = api.find(&name) {
+        return r;
+    }
+    Json(json!({"agent": name, "checks": api.control.registry.certification(&name)}))
+        .into_response()
+}
+
+async fn certify(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Result<Json<Certification>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = api.authorize(&headers) {
+        return r;
+    }
+    if let Err(r) = api.find(&name) {
+        return r;
+    }
+    let Json(c) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_body", &e.body_text()),
+    };
+    if c.check.is_empty() || c.by.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "`check` and `by` are required",
+        );
+    }
+    match api.control.registry.certify(&name, c) {
+        Ok(()) => {
+            api.control.rebuild();
+            Json(json!({"agent": name, "checks": api.control.registry.certification(&name)}))
+                .into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "persist", &e.to_string()),
+    }
+}
+
+async fn register(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: Result<Json<AgentSpec>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = api.authorize(&headers) {
+        return r;
+    }
+    let Json(mut spec) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_body", &e.body_text()),
+    };
+    if let Err((field, message)) = check_agent(&spec) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_agent",
+            &format!("field `{field}`: {message}"),
+        );
+    }
+    if api.control.catalog().agents.contains_key(&spec.name) {
+        return error(
+            StatusCode::CONFLICT,
+            "declared",
+            &format!(
+                "agent `{}` is declared in the control server's config; change it there",
+                spec.name
+            ),
+        );
+    }
+    // What an agent may call is granted by config, never by registering.
+    if spec.calls != Default::default() || spec.policy.is_some() || !spec.secrets.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_agent",
+            "grants (`calls`, `policy`, `secrets`) come from the control server's config, not from registration",
+        );
+    }
+    if spec.card.is_none() {
+        spec.card = Some(card(&spec));
+    }
+    match api.control.registry.register(spec.clone()) {
+        Ok(new) => {
+            api.control.rebuild();
+            let a = api.find(&spec.name);
+            let status = if new { StatusCode::CREATED } else { StatusCode::OK };
+            match a {
+                Ok(a) => (status, Json(api.view(&a))).into_response(),
+                Err(r) => r,
+            }
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "persist", &e.to_string()),
+    }
+}
+
+async fn deregister(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    if let Err(r) = api.authorize(&headers) {
+        return r;
+    }
+    if api.control.catalog().agents.contains_key(&name) {
+        return error(
+            StatusCode::CONFLICT,
+            "declared",
+            &format!("agent `{name}` is declared in the control server's config; remove it there"),
+        );
+    }
+    match api.control.registry.deregister(&name) {
+        Ok(true) => {
+            api.control.rebuild();
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no agent `{name}` is registered"),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "persist", &e.to_string()),
+    }
+}
+
+async fn sidecars(State(api): State<Api>) -> Response {
+    Json(json!({"sidecars": api.control.registry.sidecars()})).into_response()
+}
+
+async fn status(State(api): State<Api>) -> Response {
+    let catalog = api.control.catalog();
+    let sidecars = api.control.registry.sidecars();
+    Json(json!({
+        "instance": api.control.instance,
+        "source": api.control.source_status(),
+        "agents": api.control.world().agents().count(),
+        "upstreams": catalog.upstreams.len(),
+        "policies": catalog.policies.keys().collect::<Vec<_>>(),
+        "sidecars_connected": sidecars.iter().filter(|s| s.connected).count(),
+        "sidecars_nacking": sidecars.iter().filter(|s| s.connected && s.last_nack.as_ref().is_some_and(|n| Some(&n.version) == s.sent_version.as_ref())).count(),
+    }))
+    .into_response()
+}
+
+async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
+        .into_response()
+}

@@ -1,0 +1,242 @@
+//! The registry's runtime state: agents registered through the API (beside those the config
+//! source declares), their certification records, and every sidecar that holds a discovery
+//! stream — its agent, where it takes calls, when it was last heard from, and what it ACKed or
+//! NACKed. Registrations and certifications are persisted (written whole, then renamed), so a
+//! restarted control server loses none.
+
+use crate::model::AgentSpec;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A sidecar not heard from for this long no longer makes its agent healthy (three missed
+/// heartbeats).
+pub const HEALTH_WINDOW: Duration = Duration::from_secs(30);
+/// Disconnected sidecars stay visible in the API this long.
+const FORGET_AFTER: Duration = Duration::from_secs(600);
+
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// One certification check's outcome (which, whether it passed, when, by whom).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Certification {
+    pub check: String,
+    pub passed: bool,
+    #[serde(default)]
+    pub at_unix: u64,
+    pub by: String,
+    #[serde(default)]
+    pub detail: String,
+}
+
+/// A NACK as the sidecar sent it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Nack {
+    pub version: String,
+    pub nonce: String,
+    pub message: String,
+    pub at_unix: u64,
+}
+
+/// What the control server knows of one sidecar.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Sidecar {
+    /// Which of the node's streams this entry belongs to (a reconnect opens a new one).
+    #[serde(skip)]
+    pub stream: u64,
+    pub node_id: String,
+    pub agent: String,
+    pub namespace: String,
+    pub inbound_url: String,
+    pub build_version: String,
+    /// `sotw` or `delta`.
+    pub mode: &'static str,
+    pub connected: bool,
+    pub connected_at_unix: u64,
+    pub last_seen_unix: u64,
+    /// The version last sent, and whether the sidecar has answered it.
+    pub sent_version: Option<String>,
+    pub acked_version: Option<String>,
+    pub acked_at_unix: Option<u64>,
+    pub acks: u64,
+    pub nacks: u64,
+    pub last_nack: Option<Nack>,
+}
+
+impl Sidecar {
+    pub fn live(&self, now: u64) -> bool {
+        self.connected && now.saturating_sub(self.last_seen_unix) <= HEALTH_WINDOW.as_secs()
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Persisted {
+    #[serde(default)]
+    registered: BTreeMap<String, AgentSpec>,
+    #[serde(default)]
+    certification: BTreeMap<String, Vec<Certification>>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    saved: Persisted,
+    sidecars: BTreeMap<String, Sidecar>,
+}
+
+/// Why a registry change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("cannot persist the registry to {path}: {message}")]
+    Persist { path: String, message: String },
+}
+
+#[derive(Debug)]
+pub struct Registry {
+    inner: Mutex<Inner>,
+    file: Option<PathBuf>,
+}
+
+impl Registry {
+    /// Opens the registry persisted at `file` (a missing file is an empty registry).
+    pub fn open(file: Option<PathBuf>) -> Result<Registry, String> {
+        let saved = match &file {
+            Some(f) if f.exists() => {
+                let text = std::fs::read_to_string(f)
+                    .map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", f.display()))?
+            }
+            _ => Persisted::default(),
+        };
+        Ok(Registry {
+            inner: Mutex::new(Inner {
+                saved,
+                sidecars: BTreeMap::new(),
+            }),
+            file,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes the persisted part, writes it, and undoes the change if it cannot be written.
+    fn change<R>(&self, f: impl FnOnce(&mut Persisted) -> R) -> Result<R, RegistryError> {
+        let mut inner = self.lock();
+        let before = serde_json::to_string(&inner.saved).unwrap_or_default();
+        let out = f(&mut inner.saved);
+        if let Some(file) = &self.file {
+            let text = serde_json::to_string_pretty(&inner.saved).unwrap_or_default();
+            if let Err(e) = write_atomically(file, text.as_bytes()) {
+                inner.saved = serde_json::from_str(&before).unwrap_or_default();
+                return Err(RegistryError::Persist {
+                    path: file.display().to_string(),
+                    message: e.to_string(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Registers (or replaces) an agent; whether it was new.
+    pub fn register(&self, agent: AgentSpec) -> Result<bool, RegistryError> {
+        self.change(|p| p.registered.insert(agent.name.clone(), agent).is_none())
+    }
+
+    /// Removes a registered agent; whether it was there.
+    pub fn deregister(&self, name: &str) -> Result<bool, RegistryError> {
+        self.change(|p| p.registered.remove(name).is_some())
+    }
+
+    pub fn registered(&self) -> BTreeMap<String, AgentSpec> {
+        self.lock().saved.registered.clone()
+    }
+
+    pub fn certify(&self, agent: &str, mut c: Certification) -> Result<(), RegistryError> {
+        if c.at_unix == 0 {
+            c.at_unix = now_unix();
+        }
+        self.change(|p| {
+            let checks = p.certification.entry(agent.to_string()).or_default();
+            // One record per check: the latest outcome.
+            checks.retain(|old| old.check != c.check);
+            checks.push(c);
+        })
+    }
+
+    pub fn certification(&self, agent: &str) -> Vec<Certification> {
+        self.lock()
+            .saved
+            .certification
+            .get(agent)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// A sidecar opened a stream (a reconnect replaces its old entry).
+    pub fn connected(&self, s: Sidecar) {
+        let now = now_unix();
+        let mut inner = self.lock();
+        inner
+            .sidecars
+            .retain(|_, old| old.connected || now.saturating_sub(old.last_seen_unix) < FORGET_AFTER.as_secs());
+        inner.sidecars.insert(s.node_id.clone(), s);
+    }
+
+    /// Updates one sidecar's entry, if it is there.
+    pub fn update(&self, node_id: &str, f: impl FnOnce(&mut Sidecar)) {
+        if let Some(s) = self.lock().sidecars.get_mut(node_id) {
+            f(s);
+        }
+    }
+
+    pub fn sidecars(&self) -> Vec<Sidecar> {
+        self.lock().sidecars.values().cloned().collect()
+    }
+
+    /// The inbound URLs of an agent's live sidecars.
+    pub fn live_endpoints(&self) -> BTreeMap<String, Vec<String>> {
+        let now = now_unix();
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for s in self.lock().sidecars.values() {
+            if s.live(now) && !s.inbound_url.is_empty() {
+                out.entry(s.agent.clone()).or_default().push(s.inbound_url.clone());
+            }
+        }
+        for v in out.values_mut() {
+            v.sort();
+            v.dedup();
+        }
+        out
+    }
+
+    /// An agent's last heartbeat from any of its sidecars.
+    pub fn last_heartbeat(&self, agent: &str) -> Option<u64> {
+        self.lock()
+            .sidecars
+            .values()
+            .filter(|s| s.agent == agent)
+            .map(|s| s.last_seen_unix)
+            .max()
+    }
+}
+
+/// Writes a file whole: to a temporary name, synced, then renamed over the old one.
+pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

@@ -1,0 +1,108 @@
+//! The control server's TLS material: a root CA made on first start and kept in the state
+//! directory (`ca.pem`, `ca-key.pem`, mode 0600), and the serving certificate of the registry
+//! API (15012), signed by it at each start for `localhost`, `127.0.0.1` and the host's name.
+//! Clients trust `ca.pem`. (Issue 'Zero-trust identity' signs the sidecars' SVIDs with the same
+//! root.)
+
+use crate::registry::write_atomically;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+use std::path::Path;
+use std::sync::Arc;
+
+/// The root CA: its certificate (PEM) and what signs with it.
+pub struct Root {
+    pub cert_pem: String,
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+fn root_params() -> Result<CertificateParams, rcgen::Error> {
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(DnType::CommonName, "agentmesh root CA");
+    p.distinguished_name.push(DnType::OrganizationName, "agentmesh");
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.not_before = rcgen::date_time_ymd(2025, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2035, 1, 1);
+    Ok(p)
+}
+
+impl Root {
+    /// Loads the root from `dir`, or makes one there on first start.
+    pub fn load_or_create(dir: &Path) -> Result<Root, String> {
+        let cert_file = dir.join("ca.pem");
+        let key_file = dir.join("ca-key.pem");
+        let params = root_params().map_err(|e| e.to_string())?;
+        if key_file.exists() {
+            let key_pem = std::fs::read_to_string(&key_file)
+                .map_err(|e| format!("cannot read {}: {e}", key_file.display()))?;
+            let key = KeyPair::from_pem(&key_pem)
+                .map_err(|e| format!("{}: {e}", key_file.display()))?;
+            let cert_pem = std::fs::read_to_string(&cert_file)
+                .map_err(|e| format!("cannot read {}: {e}", cert_file.display()))?;
+            // The same name and key as the stored certificate: what it signs verifies against it.
+            let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+            return Ok(Root {
+                cert_pem,
+                cert,
+                key,
+            });
+        }
+        let key = KeyPair::generate().map_err(|e| e.to_string())?;
+        let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+        let cert_pem = cert.pem();
+        write_secret(&key_file, key.serialize_pem().as_bytes())?;
+        write_atomically(&cert_file, cert_pem.as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", cert_file.display()))?;
+        tracing::info!(ca = %cert_file.display(), "made a new root CA");
+        Ok(Root {
+            cert_pem,
+            cert,
+            key,
+        })
+    }
+
+    /// A server config for `names` (DNS names or IP addresses), signed by the root.
+    pub fn server_config(&self, names: &[String]) -> Result<Arc<rustls::ServerConfig>, String> {
+        let key = KeyPair::generate().map_err(|e| e.to_string())?;
+        let mut p = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+        p.distinguished_name
+            .push(DnType::CommonName, "agentmesh-control");
+        for n in names {
+            p.subject_alt_names.push(match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(n.as_str().try_into().map_err(|e| format!("{n}: {e}"))?),
+            });
+        }
+        let cert = p
+            .signed_by(&key, &self.cert, &self.key)
+            .map_err(|e| e.to_string())?;
+        let chain = vec![cert.der().clone()];
+        let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)
+        .map_err(|e| e.to_string())?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+/// Writes a file only its owner can read.
+pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    write_atomically(path, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("cannot restrict {}: {e}", path.display()))
+}

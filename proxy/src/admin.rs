@@ -199,13 +199,30 @@ impl Admin {
 
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
+        let query = session.req_header().uri.query().unwrap_or("").to_string();
         match path.as_str() {
             "/healthz" => json_response(200, json!({"status": "ok"})),
             "/readyz" => {
                 let snap = self.store.snapshot();
+                let control = self.store.control();
+                let want_fresh = query
+                    .split('&')
+                    .any(|p| p == "fresh=1" || p == "fresh=true");
+                // With a control server: not ready before a first config (pushed or persisted),
+                // and with `?fresh=1` not ready while that config may be stale.
+                let (code, status) = match &control {
+                    Some(c) if c.source == "none" => (503, "waiting for the control server"),
+                    Some(c) if want_fresh && !c.fresh => (503, "config is not fresh"),
+                    _ => (200, "ready"),
+                };
                 json_response(
-                    200,
-                    json!({"status": "ready", "config_version": snap.version, "agent": snap.config.agent.name}),
+                    code,
+                    json!({
+                        "status": status,
+                        "config_version": snap.version,
+                        "agent": snap.config.agent.name,
+                        "control": control,
+                    }),
                 )
             }
             "/config_dump" => {
@@ -221,6 +238,7 @@ impl Admin {
                         "version": snap.version,
                         "loaded_at_unix": loaded,
                         "status": self.store.status(),
+                        "control": self.store.control(),
                         "policy": snap.policy.as_ref().map(|p| json!({
                             "revision": p.revision(),
                             "decision": p.decision_path(),

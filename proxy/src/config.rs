@@ -58,7 +58,58 @@ pub struct Config {
     /// Where traces go (docs/telemetry.md). Metrics are always on `/metrics`.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Names that resolve to several upstreams: `agents/by-skill/<skill>` (usually pushed by
+    /// the control server).
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// The control server this sidecar subscribes to (docs/control.md); without it the file is
+    /// the whole config.
+    #[serde(default)]
+    pub control: Option<ControlConfig>,
 }
+
+/// A logical name balanced over several upstreams (those with an endpoint that takes calls).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// `agents/by-skill/<skill>`.
+    pub name: String,
+    /// Upstream names, e.g. `agents/writer`.
+    pub upstreams: Vec<String>,
+}
+
+/// The control-plane subscription.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// The discovery service, `http://127.0.0.1:15010`.
+    pub address: String,
+    /// `delta` (default: only changes travel) or `sotw` (every response is the whole set).
+    #[serde(default)]
+    pub mode: DiscoveryMode,
+    /// Where the last good pushed config is kept, to start on when the control server is down.
+    /// Relative to the config file; default `.agentmesh/<agent>.last-good.pb` beside it.
+    #[serde(default)]
+    pub persist_file: Option<PathBuf>,
+    /// How other sidecars reach this agent (its inbound listener), announced to the control
+    /// server; default `http://127.0.0.1:<inbound port>` when `inbound.forward_to` is set.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// This sidecar's id on the control server; default `<hostname>-<pid>`.
+    #[serde(default)]
+    pub node_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryMode {
+    #[default]
+    Delta,
+    Sotw,
+}
+
+/// The skill routes' prefix.
+pub const BY_SKILL: &str = "agents/by-skill/";
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -275,9 +326,22 @@ impl Config {
         let mut config = Config::from_yaml(&text, &file)?;
         // Relative paths are relative to the config file, wherever the sidecar starts.
         if let Some(dir) = path.parent() {
-            for p in [config.policy.path.as_mut(), config.pricing.file.as_mut()]
-                .into_iter()
-                .flatten()
+            if let Some(c) = config.control.as_mut() {
+                let agent = &config.agent.name;
+                c.persist_file.get_or_insert_with(|| {
+                    PathBuf::from(format!(".agentmesh/{agent}.last-good.pb"))
+                });
+            }
+            for p in [
+                config.policy.path.as_mut(),
+                config.pricing.file.as_mut(),
+                config
+                    .control
+                    .as_mut()
+                    .and_then(|c| c.persist_file.as_mut()),
+            ]
+            .into_iter()
+            .flatten()
             {
                 if p.is_relative() {
                     *p = dir.join(&*p);
@@ -410,6 +474,35 @@ impl Config {
                  provide; set `allow_plaintext: true` to accept plaintext explicitly"
                     .into(),
             ));
+        }
+        if let Some(c) = &self.control {
+            let ok = c.address.starts_with("http://") || c.address.starts_with("https://");
+            if !ok || c.address.parse::<http::Uri>().is_err() {
+                return Err(invalid(
+                    "control.address".into(),
+                    format!("`{}` is not an http:// or https:// URL", c.address),
+                ));
+            }
+            if let Some(a) = &c.advertise {
+                Endpoint::parse(a).map_err(|m| invalid("control.advertise".into(), m))?;
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let skill = r.name.strip_prefix(BY_SKILL).unwrap_or("");
+            if !is_dns_label(skill) {
+                return Err(invalid(
+                    format!("routes[{i}].name"),
+                    format!("`{}` must be `{BY_SKILL}<skill>`", r.name),
+                ));
+            }
+            for (j, u) in r.upstreams.iter().enumerate() {
+                if !self.upstreams.iter().any(|x| &x.name == u) {
+                    return Err(invalid(
+                        format!("routes[{i}].upstreams[{j}]"),
+                        format!("no upstream `{u}`"),
+                    ));
+                }
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for (i, up) in self.upstreams.iter().enumerate() {

@@ -51,7 +51,7 @@ fn main() {
     let args = Args::parse();
     let filter = std::env::var("AGENTMESH_LOG").ok();
     let log = Arc::new(LogControl::init(args.log_format, filter.as_deref()));
-    let desired = match Desired::load(&args.config) {
+    let (desired, bootstrap, pushed) = match Desired::startup(&args.config) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("agentmesh-proxy: invalid config: {e}");
@@ -104,7 +104,7 @@ fn main() {
         },
         log: Some(log),
     };
-    match build(desired, &opts) {
+    match build(desired, bootstrap, pushed, &opts) {
         Ok(server) => server.run_forever(),
         Err(e) => {
             eprintln!("agentmesh-proxy: {e:#}");

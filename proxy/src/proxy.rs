@@ -158,7 +158,7 @@ impl MeshProxy {
         // Recorded before the grant check, so that refusals are logged like any call.
         ctx.record = Some(CallRecord::new(self.direction, kind, &name, method, &fwd));
         let upstream = match self.direction {
-            Direction::Outbound => snap.upstreams.get(&name).cloned().ok_or_else(|| {
+            Direction::Outbound => snap.upstream_for(&name).ok_or_else(|| {
                 Rejection::new(
                     403,
                     "not_granted",

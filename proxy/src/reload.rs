@@ -3,7 +3,8 @@
 //! anything is replaced; an invalid one is logged with its error, counted, and the running config
 //! and policy stay in force.
 
-use crate::state::{Desired, Store};
+use crate::config::Config;
+use crate::state::{LoadError, Store};
 use async_trait::async_trait;
 use notify::{RecursiveMode, Watcher};
 use pingora::server::ShutdownWatch;
@@ -21,10 +22,13 @@ impl Reloader {
     /// Loads the file and applies it if valid and different. Returns whether it was applied.
     pub fn reload(&self) -> bool {
         self.store.checked();
-        match Desired::load(&self.path) {
-            Ok(d) if d.same_as(&self.store.snapshot()) => false,
-            Ok(d) => {
-                self.store.apply(d);
+        let loaded = Config::load(&self.path)
+            .map_err(LoadError::from)
+            .and_then(|b| Ok((self.store.compose_bootstrap(b.clone())?, b)));
+        match loaded {
+            Ok((d, _)) if d.same_as(&self.store.snapshot()) => false,
+            Ok((d, bootstrap)) => {
+                self.store.apply_bootstrap(bootstrap, d);
                 true
             }
             Err(e) => {

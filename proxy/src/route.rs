@@ -30,9 +30,31 @@ pub fn resolve(path_and_query: &str, host: Option<&str>) -> Option<Address> {
             Some((n, q)) => (n, Some(q)),
             None => (name_q, None),
         };
-        let logical = format!("{prefix}/{name}");
+        let mut logical = format!("{prefix}/{name}");
+        let mut rest = parts.next();
+        // `/agents/by-skill/<skill>/...`: the skill is part of the name.
+        if logical == "agents/by-skill" && query.is_none() {
+            let r = rest.unwrap_or("");
+            let (skill, after) = r.split_once('/').map_or((r, None), |(s, a)| (s, Some(a)));
+            let (skill, q) = skill
+                .split_once('?')
+                .map_or((skill, None), |(s, q)| (s, Some(q)));
+            if !crate::config::is_dns_label(skill) {
+                return None;
+            }
+            logical = format!("{}{skill}", crate::config::BY_SKILL);
+            let mut path = after.map(|a| format!("/{a}")).unwrap_or_default();
+            if let Some(q) = q {
+                path = format!("{path}?{q}");
+            }
+            return Some(Address {
+                name: logical,
+                kind: CallKind::A2a,
+                path,
+            });
+        }
         if let Some((kind, _)) = split_name(&logical) {
-            let mut path = match parts.next() {
+            let mut path = match rest.take() {
                 Some(rest) => format!("/{rest}"),
                 None => String::new(),
             };
@@ -244,6 +266,17 @@ mod tests {
         assert_eq!((a.name.as_str(), a.path.as_str()), ("mcp/tools", ""));
         let a = resolve("/mcp/tools?x=1", None).unwrap();
         assert_eq!((a.name.as_str(), a.path.as_str()), ("mcp/tools", "?x=1"));
+        let a = resolve("/agents/by-skill/summarize/a2a/v1?x=1", None).unwrap();
+        assert_eq!(
+            (a.name.as_str(), a.kind, a.path.as_str()),
+            ("agents/by-skill/summarize", CallKind::A2a, "/a2a/v1?x=1")
+        );
+        let a = resolve("/agents/by-skill/summarize", None).unwrap();
+        assert_eq!(
+            (a.name.as_str(), a.path.as_str()),
+            ("agents/by-skill/summarize", "")
+        );
+        assert_eq!(resolve("/agents/by-skill/Bad!/x", None), None);
         let a = resolve("/agents/writer/", None).unwrap();
         assert_eq!((a.kind, a.path.as_str()), (CallKind::A2a, "/"));
         let a = resolve("/http/weather/v2/today?city=x", None).unwrap();

@@ -8,12 +8,14 @@ use crate::decide::PolicyCounters;
 use crate::decisionlog::DecisionLog;
 use crate::metrics::Metrics;
 use crate::proxy::MeshProxy;
+use crate::pushed::Pushed;
 use crate::record::Direction;
 use crate::reload::Reloader;
 use crate::spend::Spend;
 use crate::state::{Desired, Store};
 use crate::tap::Tap;
 use crate::traces::Traces;
+use crate::xds::XdsClient;
 use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
@@ -58,7 +60,12 @@ fn check_listeners(config: &Config) -> anyhow::Result<()> {
 }
 
 /// Builds the server; `run_forever` on the result starts serving.
-pub fn build(desired: Desired, opts: &RunOptions) -> anyhow::Result<Server> {
+pub fn build(
+    desired: Desired,
+    bootstrap: Config,
+    pushed: Option<Arc<Pushed>>,
+    opts: &RunOptions,
+) -> anyhow::Result<Server> {
     let config = &desired.config;
     check_listeners(config)?;
     let conf = ServerConf {
@@ -83,7 +90,13 @@ pub fn build(desired: Desired, opts: &RunOptions) -> anyhow::Result<Server> {
         config.telemetry.traces.as_ref(),
         &config.agent.name,
     )?);
-    let store = Store::new(desired, &opts.config_path.display().to_string());
+    let control = bootstrap.control.clone();
+    let store = Store::new(
+        desired,
+        bootstrap,
+        pushed,
+        &opts.config_path.display().to_string(),
+    );
     let spend = Arc::new(Spend::new(store.snapshot().config.policy.budget_window));
     let policy_counters = Arc::new(PolicyCounters::default());
     let metrics = Arc::new(Metrics::default());
@@ -141,6 +154,12 @@ pub fn build(desired: Desired, opts: &RunOptions) -> anyhow::Result<Server> {
     admin.add_tcp(&listeners.admin.to_string());
     server.add_service(admin);
 
+    if let Some(control) = control {
+        server.add_service(background_service(
+            "control-plane client",
+            XdsClient::new(control, store.clone()),
+        ));
+    }
     server.add_service(background_service(
         "config reloader",
         Reloader {

@@ -5,11 +5,13 @@
 
 use crate::config::{Config, ConfigError, UpstreamConfig};
 use crate::cost::PriceTable;
+use crate::pushed::Pushed;
 use crate::route::UpstreamState;
 use agentmesh_policy::{Policy, PolicyError};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -28,6 +30,8 @@ pub enum LoadError {
     Config(#[from] ConfigError),
     #[error("pricing.file {path}: {message}")]
     Prices { path: String, message: String },
+    #[error("control server version {version}: {message}")]
+    Pushed { version: String, message: String },
     #[error("policy {path}: {source}")]
     Policy {
         path: String,
@@ -42,23 +46,80 @@ impl Desired {
         Desired::from_config(Config::load(path)?)
     }
 
+    /// What a sidecar starts on: the bootstrap file, with the last good pushed set if it has a
+    /// control server and one was persisted (a persisted set that no longer composes with the
+    /// file is logged and left out). Returns the composed config, the file's own, and the set.
+    pub fn startup(path: &Path) -> Result<(Desired, Config, Option<Arc<Pushed>>), LoadError> {
+        let bootstrap = Config::load(path)?;
+        let file = bootstrap
+            .control
+            .as_ref()
+            .and_then(|c| c.persist_file.clone());
+        if let Some(file) = file {
+            match Pushed::restore(&file) {
+                Ok(Some(p)) => match Desired::compose(bootstrap.clone(), Some(&p)) {
+                    Ok(d) => {
+                        tracing::info!(version = %p.version, file = %file.display(), "starting on the last good config from the control server");
+                        return Ok((d, bootstrap, Some(Arc::new(p))));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, file = %file.display(), "the persisted control-server config does not apply; starting on the file alone")
+                    }
+                },
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot restore the persisted control-server config")
+                }
+            }
+        }
+        Ok((Desired::from_config(bootstrap.clone())?, bootstrap, None))
+    }
+
     pub fn from_config(config: Config) -> Result<Desired, LoadError> {
-        let policy = match &config.policy.path {
-            None => None,
-            Some(p) => {
+        Desired::compose(config, None)
+    }
+
+    /// The bootstrap config with the control server's pushed set merged in (its upstreams and
+    /// routes beside the file's, its policy instead of the file's), validated whole and its
+    /// policy compiled.
+    pub fn compose(mut config: Config, pushed: Option<&Pushed>) -> Result<Desired, LoadError> {
+        let mut pushed_policy = None;
+        if let Some(p) = pushed {
+            let err = |message: String| LoadError::Pushed {
+                version: p.version.clone(),
+                message,
+            };
+            pushed_policy = p.merge_into(&mut config).map_err(err)?;
+            if let Some(pp) = &pushed_policy {
+                if !pp.decision.is_empty() {
+                    config.policy.decision = pp.decision.clone();
+                }
+            }
+            config
+                .validate(&format!("control server version {}", p.version))
+                .map_err(|e| err(e.to_string()))?;
+        }
+        let compile = |sources: &agentmesh_policy::Sources| {
+            let mut policy =
+                Policy::compile(sources, &config.policy.decision, config.policy.engine)?;
+            if let Some(c) = &config.policy.cache {
+                policy = policy.with_cache(c.ttl, c.max_entries, &c.ignore);
+            }
+            Ok::<_, PolicyError>(Some(Arc::new(policy)))
+        };
+        let policy = match (&pushed_policy, &config.policy.path) {
+            (Some(pp), _) => compile(&pp.sources).map_err(|source| LoadError::Policy {
+                path: format!("policy/{} (pushed)", pp.name),
+                source,
+            })?,
+            (None, Some(p)) => {
                 let err = |source| LoadError::Policy {
                     path: p.display().to_string(),
                     source,
                 };
-                let sources = agentmesh_policy::load(p).map_err(err)?;
-                let mut policy =
-                    Policy::compile(&sources, &config.policy.decision, config.policy.engine)
-                        .map_err(err)?;
-                if let Some(c) = &config.policy.cache {
-                    policy = policy.with_cache(c.ttl, c.max_entries, &c.ignore);
-                }
-                Some(Arc::new(policy))
+                compile(&agentmesh_policy::load(p).map_err(err)?).map_err(err)?
             }
+            (None, None) => None,
         };
         let prices = match &config.pricing.file {
             None => PriceTable::builtin(),
@@ -92,9 +153,29 @@ pub struct Snapshot {
     pub prices: Arc<PriceTable>,
     pub version: u64,
     pub upstreams: HashMap<String, Arc<UpstreamState>>,
+    /// Names balanced over several upstreams, and where each one's rotation is.
+    pub routes: HashMap<String, (Vec<Arc<UpstreamState>>, AtomicUsize)>,
     /// The local agent's server, as an upstream for the inbound listener.
     pub inbound: Option<Arc<UpstreamState>>,
     pub loaded_at: SystemTime,
+}
+
+impl Snapshot {
+    /// The upstream a logical name reaches: its own, or for a route the next of its upstreams
+    /// (round-robin) that has an endpoint taking calls.
+    pub fn upstream_for(&self, name: &str) -> Option<Arc<UpstreamState>> {
+        if let Some(u) = self.upstreams.get(name) {
+            return Some(u.clone());
+        }
+        let (targets, next) = self.routes.get(name)?;
+        let n = targets.len();
+        let start = next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| &targets[(start + i) % n])
+            .find(|u| u.available())
+            .or_else(|| targets.get(start % n.max(1)))
+            .cloned()
+    }
 }
 
 /// Where the running config came from and how the last reload went.
@@ -108,14 +189,68 @@ pub struct ReloadStatus {
     pub last_error: Option<String>,
 }
 
+/// The control-plane subscription, as `/readyz` and `/config_dump` show it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ControlStatus {
+    pub address: String,
+    pub mode: String,
+    pub node_id: String,
+    /// A discovery stream is open.
+    pub connected: bool,
+    /// Connected, and the last response was applied: the sidecar runs what the control server
+    /// wants it to.
+    pub fresh: bool,
+    /// Where the running pushed set came from: `control`, `persisted` (read from disk at
+    /// start), or `none` yet.
+    pub source: String,
+    /// The control server's version of the running set.
+    pub version: Option<String>,
+    pub last_update_unix: Option<u64>,
+    pub last_error: Option<String>,
+    pub connects: u64,
+    pub acks: u64,
+    pub nacks: u64,
+    /// Names of the credentials held (never their values).
+    pub secrets: Vec<String>,
+}
+
 #[derive(Debug)]
 pub struct Store {
     current: ArcSwap<Snapshot>,
     status: Mutex<ReloadStatus>,
+    /// The bootstrap file's config as last loaded (before pushed resources are merged).
+    bootstrap: Mutex<Config>,
+    /// The control server's set the running config was composed with.
+    pushed: Mutex<Option<Arc<Pushed>>>,
+    control: Mutex<Option<ControlStatus>>,
 }
 
 impl Store {
-    pub fn new(desired: Desired, source: &str) -> Arc<Self> {
+    /// A store running `desired`, composed from the `bootstrap` config and, if any, a pushed
+    /// set (restored from disk at start).
+    pub fn new(
+        desired: Desired,
+        bootstrap: Config,
+        pushed: Option<Arc<Pushed>>,
+        source: &str,
+    ) -> Arc<Self> {
+        let control = bootstrap.control.as_ref().map(|c| ControlStatus {
+            address: c.address.clone(),
+            mode: format!("{:?}", c.mode).to_lowercase(),
+            node_id: c.node_id.clone().unwrap_or_default(),
+            source: if pushed.is_some() {
+                "persisted"
+            } else {
+                "none"
+            }
+            .into(),
+            version: pushed.as_ref().map(|p| p.version.clone()),
+            secrets: pushed
+                .as_ref()
+                .map(|p| p.secret_names().iter().map(|s| s.to_string()).collect())
+                .unwrap_or_default(),
+            ..Default::default()
+        });
         let snap = build(desired, 1, None);
         Arc::new(Store {
             current: ArcSwap::from_pointee(snap),
@@ -123,7 +258,59 @@ impl Store {
                 source: source.to_string(),
                 ..Default::default()
             }),
+            bootstrap: Mutex::new(bootstrap),
+            pushed: Mutex::new(pushed),
+            control: Mutex::new(control),
         })
+    }
+
+    /// A store for a config that has no control server (tests, tools).
+    pub fn standalone(desired: Desired, source: &str) -> Arc<Self> {
+        let bootstrap = desired.config.clone();
+        Store::new(desired, bootstrap, None, source)
+    }
+
+    pub fn bootstrap(&self) -> Config {
+        lock(&self.bootstrap).clone()
+    }
+
+    pub fn pushed(&self) -> Option<Arc<Pushed>> {
+        lock(&self.pushed).clone()
+    }
+
+    /// Composes a bootstrap config with the running pushed set.
+    pub fn compose_bootstrap(&self, bootstrap: Config) -> Result<Desired, LoadError> {
+        let pushed = self.pushed();
+        Desired::compose(bootstrap, pushed.as_deref())
+    }
+
+    /// Installs a config composed from a new bootstrap file.
+    pub fn apply_bootstrap(&self, bootstrap: Config, desired: Desired) {
+        *lock(&self.bootstrap) = bootstrap;
+        self.apply(desired);
+    }
+
+    /// Installs a config composed with a new pushed set.
+    pub fn apply_pushed(&self, pushed: Arc<Pushed>, desired: Desired) {
+        self.update_control(|c| {
+            c.secrets = pushed
+                .secret_names()
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        });
+        *lock(&self.pushed) = Some(pushed);
+        self.apply(desired);
+    }
+
+    pub fn control(&self) -> Option<ControlStatus> {
+        lock(&self.control).clone()
+    }
+
+    pub fn update_control(&self, f: impl FnOnce(&mut ControlStatus)) {
+        if let Some(c) = lock(&self.control).as_mut() {
+            f(c);
+        }
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -171,6 +358,10 @@ impl Store {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn build(desired: Desired, version: u64, old: Option<&Snapshot>) -> Snapshot {
     let Desired {
         config,
@@ -181,7 +372,7 @@ fn build(desired: Desired, version: u64, old: Option<&Snapshot>) -> Snapshot {
         Some(p) if p.config == *c => p.clone(),
         _ => UpstreamState::new(c.clone()),
     };
-    let upstreams = config
+    let upstreams: HashMap<String, Arc<UpstreamState>> = config
         .upstreams
         .iter()
         .map(|u| {
@@ -211,12 +402,25 @@ fn build(desired: Desired, version: u64, old: Option<&Snapshot>) -> Snapshot {
         };
         keep(&c, old.and_then(|o| o.inbound.as_ref()))
     });
+    let routes = config
+        .routes
+        .iter()
+        .map(|r| {
+            let targets = r
+                .upstreams
+                .iter()
+                .filter_map(|u| upstreams.get(u).cloned())
+                .collect();
+            (r.name.clone(), (targets, AtomicUsize::new(0)))
+        })
+        .collect();
     Snapshot {
         config,
         policy,
         prices,
         version,
         upstreams,
+        routes,
         inbound,
         loaded_at: SystemTime::now(),
     }

@@ -291,7 +291,11 @@ where
         loop {
             if let Some(update) = session.next(control, M::WHOLE)? {
                 let version = update.version.clone();
-                if tx.send(Ok(M::response(update, &control.instance))).await.is_err() {
+                if tx
+                    .send(Ok(M::response(update, &control.instance)))
+                    .await
+                    .is_err()
+                {
                     return Ok(());
                 }
                 control

@@ -38,7 +38,13 @@ pub fn router(api: Api) -> Router {
             "/v1/agents/{name}/certification",
             get(certification).post(certify),
         )
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /openapi.json") })
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint; see /openapi.json",
+            )
+        })
         .with_state(api)
 }
 
@@ -270,7 +276,11 @@ async fn register(
         Ok(new) => {
             api.control.rebuild();
             let a = api.find(&spec.name);
-            let status = if new { StatusCode::CREATED } else { StatusCode::OK };
+            let status = if new {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
             match a {
                 Ok(a) => (status, Json(api.view(&a))).into_response(),
                 Err(r) => r,

@@ -37,7 +37,10 @@ pub struct Control {
 
 impl Control {
     /// Loads the source; a control server does not start on a config that does not validate.
-    pub fn start(source: Box<dyn ConfigSource>, registry: Registry) -> Result<Arc<Control>, String> {
+    pub fn start(
+        source: Box<dyn ConfigSource>,
+        registry: Registry,
+    ) -> Result<Arc<Control>, String> {
         let catalog = source.load().map_err(|e| e.to_string())?;
         let status = SourceStatus {
             source: source.describe(),

@@ -12,13 +12,21 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "agentmesh-control", version, about = "agentmesh control server: discovery and agent registry")]
+#[command(
+    name = "agentmesh-control",
+    version,
+    about = "agentmesh control server: discovery and agent registry"
+)]
 struct Args {
     /// Directory of YAML files declaring agents, upstreams, policies and secrets (watched).
     #[arg(long, env = "AGENTMESH_CONTROL_CONFIG")]
     config_dir: PathBuf,
     /// Where the root CA, the admin token and API registrations are kept.
-    #[arg(long, default_value = ".agentmesh/control", env = "AGENTMESH_CONTROL_STATE")]
+    #[arg(
+        long,
+        default_value = ".agentmesh/control",
+        env = "AGENTMESH_CONTROL_STATE"
+    )]
     state_dir: PathBuf,
     /// Discovery service (gRPC).
     #[arg(long, default_value = "127.0.0.1:15010", env = "AGENTMESH_CONTROL_XDS")]
@@ -79,8 +87,8 @@ fn main_inner() -> anyhow::Result<()> {
             t
         }
     };
-    let registry = Registry::open(Some(args.state_dir.join("registry.json")))
-        .map_err(anyhow::Error::msg)?;
+    let registry =
+        Registry::open(Some(args.state_dir.join("registry.json"))).map_err(anyhow::Error::msg)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let control = Control::start(Box::new(source), registry).map_err(anyhow::Error::msg)?;
@@ -94,8 +102,9 @@ fn main_inner() -> anyhow::Result<()> {
             "agentmesh-control serving"
         );
         let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {},
                 _ = term.recv() => {},

@@ -196,8 +196,8 @@ impl Catalog {
                     .decision
                     .clone()
                     .unwrap_or_else(|| agentmesh_policy::DEFAULT_DECISION_PATH.to_string());
-                let sources =
-                    agentmesh_policy::load(&path).map_err(|e| invalid(at("path"), e.to_string()))?;
+                let sources = agentmesh_policy::load(&path)
+                    .map_err(|e| invalid(at("path"), e.to_string()))?;
                 // Compile here, so that a broken policy is refused at the source and never
                 // reaches a sidecar (which would NACK it anyway).
                 agentmesh_policy::Policy::compile(
@@ -292,7 +292,10 @@ impl Catalog {
             }
             if let Some(p) = &a.spec.policy {
                 if !c.policies.contains_key(p) {
-                    return Err(invalid("policy".into(), format!("no policy `{p}` is declared")));
+                    return Err(invalid(
+                        "policy".into(),
+                        format!("no policy `{p}` is declared"),
+                    ));
                 }
             }
             for (j, s) in a.spec.secrets.iter().enumerate() {
@@ -359,7 +362,13 @@ mod tests {
     fn catalog(files: &[(&str, &str)]) -> Result<Catalog, ModelError> {
         let parsed = files
             .iter()
-            .map(|(name, text)| Ok((name.to_string(), PathBuf::from("."), parse_file(text, name)?)))
+            .map(|(name, text)| {
+                Ok((
+                    name.to_string(),
+                    PathBuf::from("."),
+                    parse_file(text, name)?,
+                ))
+            })
             .collect::<Result<Vec<_>, ModelError>>()?;
         Catalog::build(parsed)
     }
@@ -367,28 +376,52 @@ mod tests {
     #[test]
     fn errors_name_the_file_and_the_field() {
         let cases: [(&[(&str, &str)], &str); 7] = [
-            (&[("a.yaml", "agents: [{name: Planner}]")], "a.yaml: field `agents[0].name`"),
             (
-                &[("a.yaml", "agents: [{name: p, calls: {upstreams: [llm/openai]}}]")],
+                &[("a.yaml", "agents: [{name: Planner}]")],
+                "a.yaml: field `agents[0].name`",
+            ),
+            (
+                &[(
+                    "a.yaml",
+                    "agents: [{name: p, calls: {upstreams: [llm/openai]}}]",
+                )],
                 "a.yaml: field `agents[0].calls.upstreams[0]`: no upstream `llm/openai`",
             ),
             (
-                &[("u.yaml", "upstreams: [{name: mcp/x, endpoints: [\"ftp://x\"]}]")],
+                &[(
+                    "u.yaml",
+                    "upstreams: [{name: mcp/x, endpoints: [\"ftp://x\"]}]",
+                )],
                 "u.yaml: field `upstreams[0].endpoints[0]`",
             ),
             (
                 &[
-                    ("u.yaml", "upstreams: [{name: mcp/x, endpoints: [\"http://x\"]}]"),
-                    ("v.yaml", "upstreams: [{name: mcp/x, endpoints: [\"http://y\"]}]"),
+                    (
+                        "u.yaml",
+                        "upstreams: [{name: mcp/x, endpoints: [\"http://x\"]}]",
+                    ),
+                    (
+                        "v.yaml",
+                        "upstreams: [{name: mcp/x, endpoints: [\"http://y\"]}]",
+                    ),
                 ],
                 "v.yaml: field `upstreams[0].name`: `mcp/x` is also declared in u.yaml",
             ),
-            (&[("a.yaml", "agents: [{name: p, policy: strict}]")], "field `agents[0].policy`"),
             (
-                &[("s.yaml", "secrets: [{name: k, env: AGENTMESH_TEST_SURELY_UNSET}]")],
+                &[("a.yaml", "agents: [{name: p, policy: strict}]")],
+                "field `agents[0].policy`",
+            ),
+            (
+                &[(
+                    "s.yaml",
+                    "secrets: [{name: k, env: AGENTMESH_TEST_SURELY_UNSET}]",
+                )],
                 "s.yaml: field `secrets[0].env`",
             ),
-            (&[("a.yaml", "agents: [{name: p, colls: {}}]")], "a.yaml: agents[0]: unknown field `colls`"),
+            (
+                &[("a.yaml", "agents: [{name: p, colls: {}}]")],
+                "a.yaml: agents[0]: unknown field `colls`",
+            ),
         ];
         for (files, want) in cases {
             let e = catalog(files).unwrap_err().to_string();
@@ -398,9 +431,12 @@ mod tests {
 
     #[test]
     fn a_parse_error_has_its_line() {
-        let e = catalog(&[("a.yaml", "agents:\n  - name: p\n    calls: {upstreams: 3}\n")])
-            .unwrap_err()
-            .to_string();
+        let e = catalog(&[(
+            "a.yaml",
+            "agents:\n  - name: p\n    calls: {upstreams: 3}\n",
+        )])
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("line 3"), "{e}");
     }
 }

@@ -5,6 +5,7 @@
 //! restarted control server loses none.
 
 use crate::model::AgentSpec;
+use agentmesh_control_api::write_atomically;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -184,9 +185,9 @@ impl Registry {
     pub fn connected(&self, s: Sidecar) {
         let now = now_unix();
         let mut inner = self.lock();
-        inner
-            .sidecars
-            .retain(|_, old| old.connected || now.saturating_sub(old.last_seen_unix) < FORGET_AFTER.as_secs());
+        inner.sidecars.retain(|_, old| {
+            old.connected || now.saturating_sub(old.last_seen_unix) < FORGET_AFTER.as_secs()
+        });
         inner.sidecars.insert(s.node_id.clone(), s);
     }
 
@@ -207,7 +208,9 @@ impl Registry {
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for s in self.lock().sidecars.values() {
             if s.live(now) && !s.inbound_url.is_empty() {
-                out.entry(s.agent.clone()).or_default().push(s.inbound_url.clone());
+                out.entry(s.agent.clone())
+                    .or_default()
+                    .push(s.inbound_url.clone());
             }
         }
         for v in out.values_mut() {
@@ -226,17 +229,4 @@ impl Registry {
             .map(|s| s.last_seen_unix)
             .max()
     }
-}
-
-/// Writes a file whole: to a temporary name, synced, then renamed over the old one.
-pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }

@@ -43,7 +43,11 @@ impl World {
     }
 
     pub fn agent(&self, name: &str) -> Option<&wire::Agent> {
-        match self.resources.get(&format!("agent/{name}")).map(|r| &r.kind) {
+        match self
+            .resources
+            .get(&format!("agent/{name}"))
+            .map(|r| &r.kind)
+        {
             Some(Some(Kind::Agent(a))) => Some(a),
             _ => None,
         }
@@ -156,7 +160,10 @@ impl World {
         for (name, spec) in &agents {
             if w.resources.contains_key(&format!("upstream/agents/{name}")) {
                 for s in &spec.skills {
-                    by_skill.entry(s.id.as_str()).or_default().insert(name.as_str());
+                    by_skill
+                        .entry(s.id.as_str())
+                        .or_default()
+                        .insert(name.as_str());
                 }
             }
         }

@@ -69,7 +69,12 @@ pub async fn run(
         }
     });
 
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into(), hostname()];
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".into(),
+        "::1".into(),
+        hostname(),
+    ];
     if let Ok(a) = listeners.api.local_addr() {
         if !a.ip().is_unspecified() {
             names.push(a.ip().to_string());

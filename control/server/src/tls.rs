@@ -4,10 +4,8 @@
 //! Clients trust `ca.pem`. (Issue 'Zero-trust identity' signs the sidecars' SVIDs with the same
 //! root.)
 
-use crate::registry::write_atomically;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType,
-};
+use agentmesh_control_api::{write_atomically, write_atomically_with};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -23,7 +21,8 @@ fn root_params() -> Result<CertificateParams, rcgen::Error> {
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.distinguished_name
         .push(DnType::CommonName, "agentmesh root CA");
-    p.distinguished_name.push(DnType::OrganizationName, "agentmesh");
+    p.distinguished_name
+        .push(DnType::OrganizationName, "agentmesh");
     p.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
@@ -43,8 +42,8 @@ impl Root {
         if key_file.exists() {
             let key_pem = std::fs::read_to_string(&key_file)
                 .map_err(|e| format!("cannot read {}: {e}", key_file.display()))?;
-            let key = KeyPair::from_pem(&key_pem)
-                .map_err(|e| format!("{}: {e}", key_file.display()))?;
+            let key =
+                KeyPair::from_pem(&key_pem).map_err(|e| format!("{}: {e}", key_file.display()))?;
             let cert_pem = std::fs::read_to_string(&cert_file)
                 .map_err(|e| format!("cannot read {}: {e}", cert_file.display()))?;
             // The same name and key as the stored certificate: what it signs verifies against it.
@@ -76,10 +75,13 @@ impl Root {
         p.distinguished_name
             .push(DnType::CommonName, "agentmesh-control");
         for n in names {
-            p.subject_alt_names.push(match n.parse::<std::net::IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(n.as_str().try_into().map_err(|e| format!("{n}: {e}"))?),
-            });
+            p.subject_alt_names
+                .push(match n.parse::<std::net::IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => {
+                        SanType::DnsName(n.as_str().try_into().map_err(|e| format!("{n}: {e}"))?)
+                    }
+                });
         }
         let cert = p
             .signed_by(&key, &self.cert, &self.key)
@@ -101,8 +103,6 @@ impl Root {
 
 /// Writes a file only its owner can read.
 pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    write_atomically(path, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("cannot restrict {}: {e}", path.display()))
+    write_atomically_with(path, bytes, true)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }

@@ -2,6 +2,7 @@
 //! free loopback ports, writes sidecar configs, and reads access logs. Processes die with the
 //! harness values that own them.
 
+pub mod control;
 pub mod otlp;
 
 use std::io::Write;
@@ -166,7 +167,19 @@ impl Sidecar {
     /// Without a `policy:` section in `body`, the sidecar gets an allow-all policy: the
     /// data-plane suites are about proxying; the policy suites bring their own.
     pub fn config_text(outbound: u16, admin: u16, inbound: u16, body: &str) -> String {
-        let policy = if body.contains("policy:") {
+        Self::config_text_for("tester", outbound, admin, inbound, body)
+    }
+
+    /// `config_text` for another agent. A config with a `control:` section gets its policy
+    /// from the control server, so no default policy is added to it.
+    pub fn config_text_for(
+        agent: &str,
+        outbound: u16,
+        admin: u16,
+        inbound: u16,
+        body: &str,
+    ) -> String {
+        let policy = if body.contains("policy:") || body.contains("control:") {
             String::new()
         } else {
             format!(
@@ -175,7 +188,7 @@ impl Sidecar {
             )
         };
         format!(
-            "agent: {{name: tester}}\nlisteners: {{outbound: \"127.0.0.1:{outbound}\", admin: \"127.0.0.1:{admin}\", inbound: \"127.0.0.1:{inbound}\"}}\n{policy}{body}"
+            "agent: {{name: {agent}}}\nlisteners: {{outbound: \"127.0.0.1:{outbound}\", admin: \"127.0.0.1:{admin}\", inbound: \"127.0.0.1:{inbound}\"}}\n{policy}{body}"
         )
     }
 
@@ -189,6 +202,49 @@ impl Sidecar {
         let config = dir.path("sidecar.yaml");
         std::fs::write(&config, Self::config_text(outbound, admin, inbound, body))
             .expect("write config");
+        Self::run(dir, config, (outbound, admin, inbound), env).await
+    }
+
+    /// Starts the sidecar of `agent`, with a config written by `body(outbound, admin, inbound)`
+    /// (which may name its ports, e.g. in `inbound`).
+    pub async fn start_agent(
+        dir: &Scratch,
+        agent: &str,
+        body: impl Fn(u16, u16, u16) -> String,
+    ) -> Sidecar {
+        let (outbound, admin, inbound) = (free_port(), free_port(), free_port());
+        let config = dir.path("sidecar.yaml");
+        let text = Self::config_text_for(
+            agent,
+            outbound,
+            admin,
+            inbound,
+            &body(outbound, admin, inbound),
+        );
+        std::fs::write(&config, text).expect("write config");
+        Self::run(dir, config, (outbound, admin, inbound), &[]).await
+    }
+
+    /// Starts the sidecar again on its config file and ports (after `proc` was killed).
+    pub async fn restart(&mut self, dir: &Scratch) {
+        let _ = self.proc.0.kill();
+        let _ = self.proc.0.wait();
+        let again = Self::run(
+            dir,
+            self.config.clone(),
+            (self.outbound, self.admin, self.inbound),
+            &[],
+        )
+        .await;
+        *self = again;
+    }
+
+    async fn run(
+        dir: &Scratch,
+        config: PathBuf,
+        (outbound, admin, inbound): (u16, u16, u16),
+        env: &[(&str, &str)],
+    ) -> Sidecar {
         let access_log = dir.path("access.jsonl");
         let proc = spawn_with_env(
             "agentmesh-proxy",

@@ -1,0 +1,135 @@
+//! The control server as the suites run it: `agentmesh-control` on free loopback ports with a
+//! config directory and a state directory, and a client of its registry API that trusts the
+//! server's own CA and holds its admin token.
+
+use crate::{free_port, spawn, Proc};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub struct Control {
+    pub xds: u16,
+    pub api: u16,
+    pub config_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub proc: Proc,
+    client: reqwest::Client,
+    token: String,
+}
+
+impl Control {
+    /// Starts on fresh ports; the state directory is `<config_dir>/../control-state`.
+    pub async fn start(config_dir: &Path) -> Control {
+        let state = config_dir.with_file_name("control-state");
+        Self::start_on(config_dir, &state, free_port(), free_port()).await
+    }
+
+    /// Starts on given ports and state (a restart keeps both).
+    pub async fn start_on(config_dir: &Path, state_dir: &Path, xds: u16, api: u16) -> Control {
+        let xds_addr = format!("127.0.0.1:{xds}");
+        let api_addr = format!("127.0.0.1:{api}");
+        let log = state_dir.with_file_name(format!("control-{}.log", free_port()));
+        std::fs::create_dir_all(state_dir).expect("state dir");
+        let proc = spawn(
+            "agentmesh-control",
+            &[
+                "--config-dir",
+                config_dir.to_str().unwrap_or_default(),
+                "--state-dir",
+                state_dir.to_str().unwrap_or_default(),
+                "--xds",
+                &xds_addr,
+                "--api",
+                &api_addr,
+            ],
+            &log,
+        );
+        // The CA and token are written before the ports open.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(&api_addr).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "agentmesh-control did not come up: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let ca = std::fs::read(state_dir.join("ca.pem")).expect("the control server's CA");
+        let client = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("PEM"))
+            .tls_built_in_root_certs(false)
+            .build()
+            .expect("client");
+        let token = std::fs::read_to_string(state_dir.join("admin-token")).expect("admin token");
+        Control {
+            xds,
+            api,
+            config_dir: config_dir.to_path_buf(),
+            state_dir: state_dir.to_path_buf(),
+            proc,
+            client,
+            token,
+        }
+    }
+
+    /// Kills the server (as a crash would) and starts it again on the same ports and state.
+    pub async fn restart(&mut self) {
+        self.kill();
+        *self = Self::start_on(&self.config_dir, &self.state_dir, self.xds, self.api).await;
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.proc.0.kill();
+        let _ = self.proc.0.wait();
+    }
+
+    /// The discovery address a sidecar's `control.address` names.
+    pub fn address(&self) -> String {
+        format!("http://127.0.0.1:{}", self.xds)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.api)
+    }
+
+    /// A call to the registry API: status and JSON body (null when empty). `auth`: send the
+    /// admin token.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        auth: bool,
+    ) -> (u16, Value) {
+        let mut r = self.client.request(method, self.url(path));
+        if let Some(b) = body {
+            r = r.json(b);
+        }
+        if auth {
+            r = r.bearer_auth(&self.token);
+        }
+        let r = r.send().await.expect("the registry API answers");
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        let (status, v) = self.call(reqwest::Method::GET, path, None, false).await;
+        assert_eq!(status, 200, "GET {path}: {v}");
+        v
+    }
+
+    /// Polls `GET path` until `pred` holds.
+    pub async fn wait(&self, path: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let v = self.get(path).await;
+            if pred(&v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{path} never got there: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

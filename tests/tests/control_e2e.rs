@@ -535,6 +535,55 @@ async fn registry_api_registers_finds_certifies_and_guards_changes() {
     assert_eq!(got["certification"][0]["by"], "sec-team");
     assert!(got["certification"][0]["at_unix"].as_i64().unwrap() > 1_700_000_000);
 
+    // The CLI reads the same registry.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(agentmesh_tests::bin_dir().join("agentmesh"))
+            .args(args)
+            .args(["--server", &control.url(""), "--ca"])
+            .arg(control.state_dir.join("ca.pem"))
+            .output()
+            .expect("agentmesh runs");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let ls = cli(&["registry", "ls"]);
+    let lines: Vec<&str> = ls.lines().collect();
+    assert!(lines[0].starts_with("NAME"), "{ls}");
+    assert_eq!(lines.len(), 4, "{ls}");
+    let row = lines
+        .iter()
+        .find(|l| l.starts_with("translator"))
+        .expect("a translator row");
+    for want in ["team-c", "translate", "1/1", "registered"] {
+        assert!(row.contains(want), "{row} lacks {want}");
+    }
+    let found = cli(&["registry", "search", "--skill", "summarize"]);
+    assert_eq!(found.lines().count(), 2, "{found}");
+    assert!(
+        found.lines().nth(1).unwrap().starts_with("writer"),
+        "{found}"
+    );
+    let shown: Value = serde_json::from_str(&cli(&["registry", "show", "translator"])).unwrap();
+    assert_eq!(shown["card"], card);
+    let out = std::process::Command::new(agentmesh_tests::bin_dir().join("agentmesh"))
+        .args([
+            "registry",
+            "show",
+            "nobody",
+            "--server",
+            &control.url(""),
+            "--ca",
+        ])
+        .arg(control.state_dir.join("ca.pem"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no agent `nobody`"));
+
     // Registrations and certifications survive a restart.
     let mut control = control;
     control.restart().await;

@@ -1,8 +1,10 @@
 //! `agentmesh`, the mesh's command line: `policy test` (run a directory's `test_` rules, like
 //! `opa test`), `policy eval` (decide one input and show the rules that had a value), `tap`
-//! (a sidecar's calls as they end) and `top` (per-destination rates, latency and spend).
+//! (a sidecar's calls as they end), `top` (per-destination rates, latency and spend) and
+//! `registry ls|show|search` (the control server's agents).
 
 mod policy;
+mod registry;
 mod watch;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +26,9 @@ enum Command {
     Tap(watch::TapArgs),
     /// Per-destination request rate, success, denials, p50/p99 latency, tokens/s and spend, live.
     Top(watch::TopArgs),
+    /// The control server's agent registry: list, show, search.
+    #[command(subcommand)]
+    Registry(registry::RegistryCommand),
 }
 
 fn main() {
@@ -32,6 +37,7 @@ fn main() {
         Command::Policy(cmd) => policy::run(cmd),
         Command::Tap(args) => runtime().and_then(|rt| rt.block_on(watch::tap(args))),
         Command::Top(args) => runtime().and_then(|rt| rt.block_on(watch::top(args))),
+        Command::Registry(cmd) => runtime().and_then(|rt| rt.block_on(registry::run(cmd))),
     };
     match code {
         Ok(code) => std::process::exit(code),

@@ -135,11 +135,11 @@ impl Source {
     }
 }
 
-fn str_of<'a>(v: &'a Value, k: &str) -> &'a str {
+pub fn str_of<'a>(v: &'a Value, k: &str) -> &'a str {
     v[k].as_str().unwrap_or("")
 }
 
-fn cut(s: &str, n: usize) -> String {
+pub fn cut(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_string()
     } else {

@@ -48,16 +48,35 @@ pub fn router(api: Api) -> Router {
         .with_state(api)
 }
 
-fn error(status: StatusCode, kind: &str, message: &str) -> Response {
-    (
-        status,
-        Json(json!({"error": {"type": kind, "message": message}})),
-    )
-        .into_response()
+/// An API error: its status, a stable type and a message for people.
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
 }
 
+fn error(status: StatusCode, kind: &'static str, message: &str) -> ApiError {
+    ApiError {
+        status,
+        kind,
+        message: message.to_string(),
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": {"type": self.kind, "message": self.message}})),
+        )
+            .into_response()
+    }
+}
+
+type Answer = Result<Response, ApiError>;
+
 impl Api {
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), Response> {
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let given = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -93,7 +112,7 @@ impl Api {
         })
     }
 
-    fn find(&self, name: &str) -> Result<wire::Agent, Response> {
+    fn find(&self, name: &str) -> Result<wire::Agent, ApiError> {
         self.control.world().agent(name).cloned().ok_or_else(|| {
             error(
                 StatusCode::NOT_FOUND,
@@ -147,32 +166,24 @@ async fn list(State(api): State<Api>, Query(s): Query<Search>) -> Response {
     Json(json!({"agents": agents.iter().map(|a| api.view(a)).collect::<Vec<_>>()})).into_response()
 }
 
-async fn show(State(api): State<Api>, Path(name): Path<String>) -> Response {
-    match api.find(&name) {
-        Ok(a) => {
-            let mut v = api.view(&a);
-            v["card"] = serde_json::from_str(&a.card_json).unwrap_or(Value::Null);
-            Json(v).into_response()
-        }
-        Err(r) => r,
-    }
+async fn show(State(api): State<Api>, Path(name): Path<String>) -> Answer {
+    let a = api.find(&name)?;
+    let mut v = api.view(&a);
+    v["card"] = serde_json::from_str(&a.card_json).unwrap_or(Value::Null);
+    Ok(Json(v).into_response())
 }
 
-async fn agent_card(State(api): State<Api>, Path(name): Path<String>) -> Response {
-    match api.find(&name) {
-        Ok(a) => (
-            [(axum::http::header::CONTENT_TYPE, "application/json")],
-            a.card_json,
-        )
-            .into_response(),
-        Err(r) => r,
-    }
+async fn agent_card(State(api): State<Api>, Path(name): Path<String>) -> Answer {
+    let a = api.find(&name)?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        a.card_json,
+    )
+        .into_response())
 }
 
-async fn health(State(api): State<Api>, Path(name): Path<String>) -> Response {
-    if let Err(r) = api.find(&name) {
-        return r;
-    }
+async fn health(State(api): State<Api>, Path(name): Path<String>) -> Answer {
+    api.find(&name)?;
     let heartbeat = api.control.registry.last_heartbeat(&name);
     let sidecars: Vec<_> = api
         .control
@@ -181,142 +192,136 @@ async fn health(State(api): State<Api>, Path(name): Path<String>) -> Response {
         .into_iter()
         .filter(|s| s.agent == name)
         .collect();
-    Json(json!({
+    Ok(Json(json!({
         "agent": name,
         "healthy": healthy(heartbeat),
         "last_heartbeat_unix": heartbeat,
         "window_seconds": HEALTH_WINDOW.as_secs(),
         "sidecars": sidecars,
     }))
-    .into_response()
+    .into_response())
 }
 
-async fn certification(State(api): State<Api>, Path(name): Path<String>) -> Response {
-    if let Err(r) = api.find(&name) {
-        return r;
-    }
-    Json(json!({"agent": name, "checks": api.control.registry.certification(&name)}))
-        .into_response()
+async fn certification(State(api): State<Api>, Path(name): Path<String>) -> Answer {
+    api.find(&name)?;
+    Ok(checks(&api, &name))
+}
+
+fn checks(api: &Api, name: &str) -> Response {
+    Json(json!({"agent": name, "checks": api.control.registry.certification(name)})).into_response()
+}
+
+/// A JSON body, or a 400 saying what is wrong with it.
+fn body<T>(b: Result<Json<T>, axum::extract::rejection::JsonRejection>) -> Result<T, ApiError> {
+    b.map(|Json(v)| v)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, "invalid_body", &e.body_text()))
+}
+
+fn persist_failed(e: crate::registry::RegistryError) -> ApiError {
+    error(StatusCode::INTERNAL_SERVER_ERROR, "persist", &e.to_string())
 }
 
 async fn certify(
     State(api): State<Api>,
     headers: HeaderMap,
     Path(name): Path<String>,
-    body: Result<Json<Certification>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    if let Err(r) = api.authorize(&headers) {
-        return r;
-    }
-    if let Err(r) = api.find(&name) {
-        return r;
-    }
-    let Json(c) = match body {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_body", &e.body_text()),
-    };
+    payload: Result<Json<Certification>, axum::extract::rejection::JsonRejection>,
+) -> Answer {
+    api.authorize(&headers)?;
+    api.find(&name)?;
+    let c = body(payload)?;
     if c.check.is_empty() || c.by.is_empty() {
-        return error(
+        return Err(error(
             StatusCode::BAD_REQUEST,
             "invalid_body",
             "`check` and `by` are required",
-        );
+        ));
     }
-    match api.control.registry.certify(&name, c) {
-        Ok(()) => {
-            api.control.rebuild();
-            Json(json!({"agent": name, "checks": api.control.registry.certification(&name)}))
-                .into_response()
-        }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "persist", &e.to_string()),
-    }
+    api.control
+        .registry
+        .certify(&name, c)
+        .map_err(persist_failed)?;
+    api.control.rebuild();
+    Ok(checks(&api, &name))
 }
 
 async fn register(
     State(api): State<Api>,
     headers: HeaderMap,
-    body: Result<Json<AgentSpec>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    if let Err(r) = api.authorize(&headers) {
-        return r;
-    }
-    let Json(mut spec) = match body {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_body", &e.body_text()),
-    };
-    if let Err((field, message)) = check_agent(&spec) {
-        return error(
+    payload: Result<Json<AgentSpec>, axum::extract::rejection::JsonRejection>,
+) -> Answer {
+    api.authorize(&headers)?;
+    let mut spec = body(payload)?;
+    check_agent(&spec).map_err(|(field, message)| {
+        error(
             StatusCode::BAD_REQUEST,
             "invalid_agent",
             &format!("field `{field}`: {message}"),
-        );
-    }
+        )
+    })?;
     if api.control.catalog().agents.contains_key(&spec.name) {
-        return error(
+        return Err(error(
             StatusCode::CONFLICT,
             "declared",
             &format!(
                 "agent `{}` is declared in the control server's config; change it there",
                 spec.name
             ),
-        );
+        ));
     }
     // What an agent may call is granted by config, never by registering.
     if spec.calls != Default::default() || spec.policy.is_some() || !spec.secrets.is_empty() {
-        return error(
+        return Err(error(
             StatusCode::BAD_REQUEST,
             "invalid_agent",
             "grants (`calls`, `policy`, `secrets`) come from the control server's config, not from registration",
-        );
+        ));
     }
     if spec.card.is_none() {
         spec.card = Some(card(&spec));
     }
-    match api.control.registry.register(spec.clone()) {
-        Ok(new) => {
-            api.control.rebuild();
-            let a = api.find(&spec.name);
-            let status = if new {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            match a {
-                Ok(a) => (status, Json(api.view(&a))).into_response(),
-                Err(r) => r,
-            }
-        }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "persist", &e.to_string()),
-    }
+    let new = api
+        .control
+        .registry
+        .register(spec.clone())
+        .map_err(persist_failed)?;
+    api.control.rebuild();
+    let a = api.find(&spec.name)?;
+    let status = if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(api.view(&a))).into_response())
 }
 
 async fn deregister(
     State(api): State<Api>,
     headers: HeaderMap,
     Path(name): Path<String>,
-) -> Response {
-    if let Err(r) = api.authorize(&headers) {
-        return r;
-    }
+) -> Answer {
+    api.authorize(&headers)?;
     if api.control.catalog().agents.contains_key(&name) {
-        return error(
+        return Err(error(
             StatusCode::CONFLICT,
             "declared",
             &format!("agent `{name}` is declared in the control server's config; remove it there"),
-        );
+        ));
     }
-    match api.control.registry.deregister(&name) {
-        Ok(true) => {
-            api.control.rebuild();
-            StatusCode::NO_CONTENT.into_response()
-        }
-        Ok(false) => error(
+    if !api
+        .control
+        .registry
+        .deregister(&name)
+        .map_err(persist_failed)?
+    {
+        return Err(error(
             StatusCode::NOT_FOUND,
             "not_found",
             &format!("no agent `{name}` is registered"),
-        ),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "persist", &e.to_string()),
+        ));
     }
+    api.control.rebuild();
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn sidecars(State(api): State<Api>) -> Response {

@@ -285,7 +285,7 @@ where
     });
     tracing::info!(node = %node.id, agent = %node.agent, mode = M::NAME, "sidecar connected");
     // Its endpoint is now live: peers that call this agent get it.
-    control.rebuild();
+    control.rebuild_soon();
     let mut changes = control.subscribe();
     let result = async {
         loop {
@@ -321,7 +321,7 @@ where
         }
     });
     tracing::info!(node = %session.node_id, agent = %session.agent, "sidecar disconnected");
-    control.rebuild();
+    control.rebuild_soon();
     result
 }
 

@@ -33,7 +33,12 @@ pub struct Control {
     changes: watch::Sender<u64>,
     status: Mutex<SourceStatus>,
     rebuilding: Mutex<()>,
+    /// Asks for a rebuild soon (coalesced: a burst of sidecars connecting makes one rebuild).
+    soon: tokio::sync::Notify,
 }
+
+/// How long a requested rebuild waits for others to join it.
+const COALESCE: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl Control {
     /// Loads the source; a control server does not start on a config that does not validate.
@@ -63,6 +68,7 @@ impl Control {
             changes: watch::channel(0).0,
             status: Mutex::new(status),
             rebuilding: Mutex::new(()),
+            soon: tokio::sync::Notify::new(),
         });
         c.rebuild();
         Ok(c)
@@ -124,6 +130,21 @@ impl Control {
         let world = World::build(&self.catalog.load(), &self.registry);
         self.world.store(Arc::new(world));
         self.changes.send_modify(|g| *g += 1);
+    }
+
+    /// Asks for a rebuild within a few milliseconds (sidecars connecting and leaving change
+    /// where their agents are reached; a burst of them makes one rebuild).
+    pub fn rebuild_soon(&self) {
+        self.soon.notify_one();
+    }
+
+    /// Runs the coalesced rebuilds `rebuild_soon` asks for; spawned once by the server.
+    pub async fn coalesce_rebuilds(self: Arc<Self>) {
+        loop {
+            self.soon.notified().await;
+            tokio::time::sleep(COALESCE).await;
+            self.rebuild();
+        }
     }
 
     /// A receiver woken on every rebuild.

@@ -53,6 +53,7 @@ pub async fn run(
         .map_err(|e| format!("cannot watch the config source: {e}"))?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|e| e.to_string())?;
+    tokio::spawn(control.clone().coalesce_rebuilds());
     let c = control.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(HEALTH_TICK);

@@ -122,14 +122,15 @@ impl Pushed {
             .collect()
     }
 
-    /// Writes the set (as a state-of-the-world response) whole: temporary file, sync, rename.
+    /// Writes the set (as a state-of-the-world response) whole: temporary file, sync, rename;
+    /// readable by the sidecar's user only, since it holds credentials.
     pub fn persist(&self, path: &Path) -> std::io::Result<()> {
         let msg = wire::DiscoveryResponse {
             version_info: self.version.clone(),
             resources: self.resources.values().cloned().collect(),
             ..Default::default()
         };
-        agentmesh_control_api::write_atomically(path, &msg.encode_to_vec())
+        agentmesh_control_api::write_atomically_with(path, &msg.encode_to_vec(), true)
     }
 
     /// Reads a persisted set; `Ok(None)` when there is none.

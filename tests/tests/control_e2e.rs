@@ -620,3 +620,74 @@ async fn registry_api_registers_finds_certifies_and_guards_changes() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_balance_over_live_instances_and_skill_providers() {
+    let dir = Scratch::new("ctl-lb");
+    let llm = Fixture::mock_llm(&dir, &[]).await;
+    let conf = dir.path("mesh");
+    write(&conf.join("policy/authz.rego"), ALLOW);
+    write(
+        &conf.join("mesh.yaml"),
+        "policies: [{name: standard, path: policy}]\nagents:\n  - {name: planner, calls: {agents: [writer], skills: [summarize]}, policy: standard}\n  - {name: writer, skills: [{id: summarize}], policy: standard}\n  - {name: editor, skills: [{id: summarize}], policy: standard}\n",
+    );
+    let control = Control::start(&conf).await;
+    let inbound = format!(
+        "inbound: {{forward_to: \"127.0.0.1:{}\", kind: http, allow_plaintext: true}}\n",
+        llm.port
+    );
+    let (d1, d2, d3, dp) = (
+        Scratch::new("ctl-lb-w1"),
+        Scratch::new("ctl-lb-w2"),
+        Scratch::new("ctl-lb-ed"),
+        Scratch::new("ctl-lb-pl"),
+    );
+    let w1 = sidecar(&d1, "writer", &control, "delta", &inbound).await;
+    let w2 = sidecar(&d2, "writer", &control, "delta", &inbound).await;
+    let editor = sidecar(&d3, "editor", &control, "delta", &inbound).await;
+    let planner = sidecar(&dp, "planner", &control, "delta", "").await;
+    let endpoints = |d: &Value, name: &str| -> usize {
+        d["config"]["upstreams"]
+            .as_array()
+            .and_then(|a| a.iter().find(|u| u["name"] == name))
+            .and_then(|u| u["endpoints"].as_array())
+            .map_or(0, |e| e.len())
+    };
+    planner
+        .wait_dump(|d| endpoints(d, "agents/writer") == 2 && endpoints(d, "agents/editor") == 1)
+        .await;
+
+    // By name: over both instances of the writer.
+    for _ in 0..10 {
+        assert_eq!(get(&planner.url("/agents/writer/healthz")).await.0, 200);
+    }
+    let (n1, n2) = (w1.wait_calls(1).await.len(), w2.wait_calls(1).await.len());
+    assert_eq!(n1 + n2, 10);
+    assert!(n1 >= 3 && n2 >= 3, "round-robin over instances: {n1} and {n2}");
+
+    // By skill: over both agents that offer it.
+    for _ in 0..10 {
+        assert_eq!(get(&planner.url("/agents/by-skill/summarize/healthz")).await.0, 200);
+    }
+    let by_editor = editor.wait_calls(1).await.len();
+    assert!(by_editor >= 3 && by_editor <= 7, "the editor took {by_editor} of 10");
+    let calls = planner.wait_calls(20).await;
+    let skill_calls: Vec<&Value> = calls.iter().filter(|c| c["target"] == "agents/by-skill/summarize").collect();
+    assert_eq!(skill_calls.len(), 10, "{calls:?}");
+
+    // Every call reached exactly one instance.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w1.calls().len() + w2.calls().len() + editor.calls().len() < 20 {
+        assert!(Instant::now() < deadline, "inbound access logs never reached 20 calls");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let n1 = w1.calls().len();
+
+    // An instance gone: its endpoint leaves, and every call lands on the one left.
+    drop(w2);
+    planner.wait_dump(|d| endpoints(d, "agents/writer") == 1).await;
+    for _ in 0..10 {
+        assert_eq!(get(&planner.url("/agents/writer/healthz")).await.0, 200);
+    }
+    assert_eq!(w1.wait_calls(n1 + 10).await.len(), n1 + 10);
+}

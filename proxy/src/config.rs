@@ -615,6 +615,36 @@ mod tests {
     }
 
     #[test]
+    fn the_control_example_names_its_server_and_persists_beside_itself() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/control");
+        let c = Config::load(&dir.join("planner-sidecar.yaml")).unwrap();
+        let control = c.control.expect("a control section");
+        assert_eq!(control.address, "http://127.0.0.1:15010");
+        assert_eq!(control.mode, DiscoveryMode::Delta);
+        assert_eq!(
+            control.persist_file,
+            Some(dir.join(".agentmesh/planner.last-good.pb"))
+        );
+        // Without `persist_file`, the default sits beside the config too.
+        let text = "agent: {name: p}\ncontrol: {address: \"http://h:1\"}\n";
+        let tmp = std::env::temp_dir().join(format!("am-ctl-{}.yaml", std::process::id()));
+        std::fs::write(&tmp, text).unwrap();
+        let c = Config::load(&tmp).unwrap();
+        assert_eq!(
+            c.control.unwrap().persist_file,
+            Some(std::env::temp_dir().join(".agentmesh/p.last-good.pb"))
+        );
+        let _ = std::fs::remove_file(&tmp);
+        let bad = "agent: {name: p}\ncontrol: {address: \"grpc://h\"}\n";
+        let e = Config::from_yaml(bad, "c.yaml").unwrap_err().to_string();
+        assert!(e.contains("field `control.address`"), "{e}");
+        let bad =
+            "agent: {name: p}\nroutes: [{name: agents/by-skill/x, upstreams: [agents/nobody]}]\n";
+        let e = Config::from_yaml(bad, "c.yaml").unwrap_err().to_string();
+        assert!(e.contains("field `routes[0].upstreams[0]`"), "{e}");
+    }
+
+    #[test]
     fn endpoints_parse() {
         let e = Endpoint::parse("https://api.openai.com").unwrap();
         assert_eq!(

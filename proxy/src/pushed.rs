@@ -144,3 +144,96 @@ impl Pushed {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(name: &str, endpoint: &str) -> wire::Resource {
+        wire::Resource {
+            name: format!("upstream/{name}"),
+            version: endpoint.into(),
+            kind: Some(Kind::Upstream(wire::Upstream {
+                name: name.into(),
+                endpoints: vec![endpoint.into()],
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn deltas_add_change_and_remove_and_the_set_persists() {
+        let whole = Pushed::whole(&wire::DiscoveryResponse {
+            version_info: "v1".into(),
+            resources: vec![upstream("mcp/a", "http://a"), upstream("mcp/b", "http://b")],
+            ..Default::default()
+        });
+        let next = whole.with_delta(&wire::DeltaDiscoveryResponse {
+            system_version_info: "v2".into(),
+            resources: vec![
+                upstream("mcp/a", "http://a2"),
+                upstream("mcp/c", "http://c"),
+            ],
+            removed_resources: vec!["upstream/mcp/b".into()],
+            ..Default::default()
+        });
+        assert_eq!(next.version, "v2");
+        let names: Vec<&str> = next.resources.keys().map(String::as_str).collect();
+        assert_eq!(names, ["upstream/mcp/a", "upstream/mcp/c"]);
+        assert_eq!(next.versions()["upstream/mcp/a"], "http://a2");
+        assert_eq!(whole.resources.len(), 2, "the running set is untouched");
+
+        let mut config = Config::from_yaml(
+            "agent: {name: p}\nupstreams: [{name: mcp/a, endpoints: [\"http://local\"]}, {name: http/x, endpoints: [\"http://x\"]}]\n",
+            "t",
+        )
+        .unwrap();
+        assert!(next.merge_into(&mut config).unwrap().is_none());
+        let got: Vec<(&str, &str)> = config
+            .upstreams
+            .iter()
+            .map(|u| (u.name.as_str(), u.endpoints[0].as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("http/x", "http://x"),
+                ("mcp/a", "http://a2"),
+                ("mcp/c", "http://c")
+            ],
+            "pushed upstreams replace the file's of the same name"
+        );
+
+        let file = std::env::temp_dir().join(format!("am-pushed-{}.pb", std::process::id()));
+        next.persist(&file).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "only its owner reads the persisted set");
+        assert_eq!(Pushed::restore(&file).unwrap(), Some(next));
+        std::fs::write(&file, b"\xff\xff not protobuf").unwrap();
+        assert!(Pushed::restore(&file).is_err());
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(Pushed::restore(&file).unwrap(), None);
+    }
+
+    #[test]
+    fn a_bad_resource_is_named_in_the_error() {
+        let mut bad = upstream("mcp/a", "ftp://a");
+        bad.name = "upstream/mcp/a".into();
+        let p = Pushed::whole(&wire::DiscoveryResponse {
+            version_info: "v9".into(),
+            resources: vec![bad],
+            ..Default::default()
+        });
+        let mut config = Config::from_yaml("agent: {name: p}\n", "t").unwrap();
+        let e = p.merge_into(&mut config).unwrap_err();
+        assert!(e.starts_with("upstream/mcp/a: field `endpoints[0]`"), "{e}");
+        let e = crate::state::Desired::compose(config, Some(&p))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("control server version v9: upstream/mcp/a"),
+            "{e}"
+        );
+    }
+}

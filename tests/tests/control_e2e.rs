@@ -663,29 +663,48 @@ async fn calls_balance_over_live_instances_and_skill_providers() {
     }
     let (n1, n2) = (w1.wait_calls(1).await.len(), w2.wait_calls(1).await.len());
     assert_eq!(n1 + n2, 10);
-    assert!(n1 >= 3 && n2 >= 3, "round-robin over instances: {n1} and {n2}");
+    assert!(
+        n1 >= 3 && n2 >= 3,
+        "round-robin over instances: {n1} and {n2}"
+    );
 
     // By skill: over both agents that offer it.
     for _ in 0..10 {
-        assert_eq!(get(&planner.url("/agents/by-skill/summarize/healthz")).await.0, 200);
+        assert_eq!(
+            get(&planner.url("/agents/by-skill/summarize/healthz"))
+                .await
+                .0,
+            200
+        );
     }
     let by_editor = editor.wait_calls(1).await.len();
-    assert!(by_editor >= 3 && by_editor <= 7, "the editor took {by_editor} of 10");
+    assert!(
+        by_editor >= 3 && by_editor <= 7,
+        "the editor took {by_editor} of 10"
+    );
     let calls = planner.wait_calls(20).await;
-    let skill_calls: Vec<&Value> = calls.iter().filter(|c| c["target"] == "agents/by-skill/summarize").collect();
+    let skill_calls: Vec<&Value> = calls
+        .iter()
+        .filter(|c| c["target"] == "agents/by-skill/summarize")
+        .collect();
     assert_eq!(skill_calls.len(), 10, "{calls:?}");
 
     // Every call reached exactly one instance.
     let deadline = Instant::now() + Duration::from_secs(10);
     while w1.calls().len() + w2.calls().len() + editor.calls().len() < 20 {
-        assert!(Instant::now() < deadline, "inbound access logs never reached 20 calls");
+        assert!(
+            Instant::now() < deadline,
+            "inbound access logs never reached 20 calls"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let n1 = w1.calls().len();
 
     // An instance gone: its endpoint leaves, and every call lands on the one left.
     drop(w2);
-    planner.wait_dump(|d| endpoints(d, "agents/writer") == 1).await;
+    planner
+        .wait_dump(|d| endpoints(d, "agents/writer") == 1)
+        .await;
     for _ in 0..10 {
         assert_eq!(get(&planner.url("/agents/writer/healthz")).await.0, 200);
     }

@@ -105,3 +105,66 @@ impl ConfigSource for DirSource {
         Ok(Box::new(watcher))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_loads_and_grants_what_it_says() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/control/mesh");
+        let c = DirSource { dir }.load().unwrap();
+        assert_eq!(c.files, ["agents.yaml", "upstreams.yaml"]);
+        assert_eq!(c.agents.len(), 2);
+        assert_eq!(c.upstreams.len(), 3);
+        let registry = crate::registry::Registry::open(None).unwrap();
+        let world = crate::resources::World::build(&c, &registry);
+        let names = |agent: &str| -> Vec<String> {
+            world
+                .for_agent(agent)
+                .unwrap()
+                .iter()
+                .map(|r| r.name.clone())
+                .collect()
+        };
+        // No sidecar of the writer is connected: nowhere to reach it yet, so no upstream for it.
+        assert_eq!(
+            names("planner"),
+            [
+                "agent/planner",
+                "agent/writer",
+                "policy/demo",
+                "upstream/llm/anthropic",
+                "upstream/llm/openai",
+                "upstream/mcp/search-tools"
+            ]
+        );
+        assert_eq!(
+            names("writer"),
+            ["agent/writer", "policy/demo", "upstream/llm/openai"]
+        );
+        assert!(world.for_agent("stranger").is_none());
+    }
+
+    #[test]
+    fn a_broken_file_in_the_directory_is_named() {
+        let dir = std::env::temp_dir().join(format!("am-dirsource-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("a.yaml"), "agents: [{name: a}]\n").unwrap();
+        std::fs::write(dir.join(".hidden.yaml"), "junk: [").unwrap();
+        std::fs::write(
+            dir.join("sub/b.yml"),
+            "upstreams: [{name: mcp/x, endpoints: []}]\n",
+        )
+        .unwrap();
+        let e = DirSource { dir: dir.clone() }
+            .load()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("sub/b.yml: field `upstreams[0].endpoints`"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

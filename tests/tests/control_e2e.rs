@@ -679,7 +679,7 @@ async fn calls_balance_over_live_instances_and_skill_providers() {
     }
     let by_editor = editor.wait_calls(1).await.len();
     assert!(
-        by_editor >= 3 && by_editor <= 7,
+        (3..=7).contains(&by_editor),
         "the editor took {by_editor} of 10"
     );
     let calls = planner.wait_calls(20).await;

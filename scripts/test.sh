@@ -9,6 +9,8 @@ cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "==> cargo test"
+# The end-to-end suites start the workspace's binaries (sidecar, control server, CLI, fixtures).
+cargo build --workspace --bins
 cargo test --workspace
 echo "==> SDK suites (pytest)"
 AGENTMESH_BIN_DIR="$PWD/target/debug" .venv/bin/python -m pytest -q tests/python

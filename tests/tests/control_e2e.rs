@@ -214,6 +214,45 @@ async fn grants_routes_and_live_changes_reach_each_sidecar() {
     assert_eq!(found["agents"][0]["name"], "writer");
     assert_eq!(found["agents"][0]["healthy"], true);
 
+    // A sidecar for an agent nobody declared gets nothing, and says why.
+    let sdir = Scratch::new("ctl-stranger");
+    let admin = agentmesh_tests::free_port();
+    let stranger_config = sdir.path("sidecar.yaml");
+    std::fs::write(
+        &stranger_config,
+        Sidecar::config_text_for(
+            "stranger",
+            agentmesh_tests::free_port(),
+            admin,
+            agentmesh_tests::free_port(),
+            &format!("control: {{address: \"{}\"}}\n", control.address()),
+        ),
+    )
+    .unwrap();
+    let _stranger = agentmesh_tests::spawn(
+        "agentmesh-proxy",
+        &["--config", stranger_config.to_str().unwrap()],
+        &sdir.path("sidecar.log"),
+    );
+    let ready = format!("http://127.0.0.1:{admin}/readyz");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let why = loop {
+        if let Ok(r) = reqwest::get(&ready).await {
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.unwrap_or_default();
+            if let Some(e) = v["control"]["last_error"].as_str() {
+                assert_eq!(status, 503, "not ready without any config: {v}");
+                break e.to_string();
+            }
+        }
+        assert!(Instant::now() < deadline, "the stranger's sidecar never said why");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        why.contains("NotFound") && why.contains("`stranger` is neither declared"),
+        "{why}"
+    );
+
     // A broken file is refused, named with its field, and nothing changes.
     write(
         &conf.join("broken.yaml"),

@@ -91,7 +91,15 @@ pub async fn run(
     let api = tokio::spawn(async move {
         loop {
             let (tcp, _) = tokio::select! {
-                r = api_listener.accept() => match r { Ok(c) => c, Err(e) => { tracing::warn!(error = %e, "accept"); continue } },
+                r = api_listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of descriptors, most likely: wait rather than spin.
+                        tracing::warn!(error = %e, "registry API accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
                 _ = stop.changed() => return,
             };
             let tls = tls.clone();

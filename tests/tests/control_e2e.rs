@@ -245,7 +245,10 @@ async fn grants_routes_and_live_changes_reach_each_sidecar() {
                 break e.to_string();
             }
         }
-        assert!(Instant::now() < deadline, "the stranger's sidecar never said why");
+        assert!(
+            Instant::now() < deadline,
+            "the stranger's sidecar never said why"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(

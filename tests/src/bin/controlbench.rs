@@ -10,7 +10,8 @@ use agentmesh_control_api::discovery::{
     self as wire, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
 };
 use agentmesh_control_api::TYPE_URL;
-use agentmesh_tests::{bin_dir, free_port, spawn, Scratch};
+use agentmesh_tests::control::Control;
+use agentmesh_tests::{bin_dir, Scratch};
 use clap::Parser;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -186,29 +187,8 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(conf.join("policy"))?;
     std::fs::write(conf.join("policy/authz.rego"), policy_text(0))?;
     std::fs::write(conf.join("mesh.yaml"), mesh(n))?;
-    let (xds, api) = (free_port(), free_port());
-    let state = dir.path("state");
-    let proc = spawn(
-        "agentmesh-control",
-        &[
-            "--config-dir",
-            conf.to_str().unwrap_or_default(),
-            "--state-dir",
-            state.to_str().unwrap_or_default(),
-            "--xds",
-            &format!("127.0.0.1:{xds}"),
-            "--api",
-            &format!("127.0.0.1:{api}"),
-        ],
-        &dir.path("control.log"),
-    );
-    let pid = proc.0.id();
-    while tokio::net::TcpStream::connect(("127.0.0.1", xds))
-        .await
-        .is_err()
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let control = Control::start(&conf).await;
+    let (pid, xds) = (control.proc.0.id(), control.xds);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_idle = rss_kb(pid);
     println!(
@@ -328,6 +308,6 @@ async fn main() -> anyhow::Result<()> {
         p99s[p99s.len() / 2],
         fanouts[fanouts.len() / 2]
     );
-    drop(proc);
+    drop(control);
     Ok(())
 }

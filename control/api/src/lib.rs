@@ -43,3 +43,5 @@ pub fn write_atomically_with(
 pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     write_atomically_with(path, bytes, false)
 }
+
+pub mod identity;

@@ -1,7 +1,7 @@
 //! `agentmesh`, the mesh's command line: `policy test` (run a directory's `test_` rules, like
 //! `opa test`), `policy eval` (decide one input and show the rules that had a value), `tap`
 //! (a sidecar's calls as they end), `top` (per-destination rates, latency and spend) and
-//! `registry ls|show|search` (the control server's agents).
+//! `registry ls|show|search` (the control server's agents) and `token create` (join tokens).
 
 mod policy;
 mod registry;
@@ -29,6 +29,9 @@ enum Command {
     /// The control server's agent registry: list, show, search.
     #[command(subcommand)]
     Registry(registry::RegistryCommand),
+    /// Join tokens: the credential of an agent's first SVID.
+    #[command(subcommand)]
+    Token(registry::TokenCommand),
 }
 
 fn main() {
@@ -38,6 +41,7 @@ fn main() {
         Command::Tap(args) => runtime().and_then(|rt| rt.block_on(watch::tap(args))),
         Command::Top(args) => runtime().and_then(|rt| rt.block_on(watch::top(args))),
         Command::Registry(cmd) => runtime().and_then(|rt| rt.block_on(registry::run(cmd))),
+        Command::Token(cmd) => runtime().and_then(|rt| rt.block_on(registry::token(cmd))),
     };
     match code {
         Ok(code) => std::process::exit(code),

@@ -1,5 +1,6 @@
 //! `agentmesh registry ls|show|search`: the control server's agent registry, read over its
-//! HTTPS API (trusting the control server's CA), as a table or as JSON.
+//! HTTPS API (trusting the control server's CA), as a table or as JSON; and `agentmesh token
+//! create`, a join token for an agent's first SVID.
 
 use crate::watch::{cut, str_of};
 use anyhow::Context;
@@ -56,8 +57,43 @@ pub enum RegistryCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// A single-use, expiring join token with which an agent's sidecar gets its first SVID.
+    Create {
+        /// The agent it is for (declared or registered).
+        #[arg(long)]
+        agent: String,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// How long it may be used.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// The control server's admin token.
+        #[arg(
+            long,
+            default_value = ".agentmesh/control/admin-token",
+            env = "AGENTMESH_ADMIN_TOKEN_FILE"
+        )]
+        admin_token_file: PathBuf,
+        #[command(flatten)]
+        server: Server,
+    },
+}
+
 impl Server {
     async fn get(&self, path_and_query: &str) -> anyhow::Result<Value> {
+        self.send(reqwest::Method::GET, path_and_query, None, None)
+            .await
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: Option<&Value>,
+        bearer: Option<&str>,
+    ) -> anyhow::Result<Value> {
         let ca = std::fs::read(&self.ca).with_context(|| {
             format!(
                 "cannot read the control server's CA {} (set --ca or AGENTMESH_CA)",
@@ -69,11 +105,17 @@ impl Server {
             .tls_built_in_root_certs(false)
             .build()?;
         let url = format!("{}{path_and_query}", self.server.trim_end_matches('/'));
-        let r = client
-            .get(&url)
+        let mut req = client.request(method, &url);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        if let Some(t) = bearer {
+            req = req.bearer_auth(t);
+        }
+        let r = req
             .send()
             .await
-            .with_context(|| format!("cannot reach the registry at {}", self.server))?;
+            .with_context(|| format!("cannot reach the control server at {}", self.server))?;
         let status = r.status();
         let v: Value = r.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
@@ -174,6 +216,43 @@ pub async fn run(cmd: RegistryCommand) -> anyhow::Result<i32> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("{}", table(&v));
+    }
+    Ok(0)
+}
+
+pub async fn token(cmd: TokenCommand) -> anyhow::Result<i32> {
+    let TokenCommand::Create {
+        agent,
+        namespace,
+        ttl,
+        admin_token_file,
+        server,
+    } = cmd;
+    let admin = std::fs::read_to_string(&admin_token_file).with_context(|| {
+        format!(
+            "cannot read the admin token {} (set --admin-token-file)",
+            admin_token_file.display()
+        )
+    })?;
+    let body = serde_json::json!({"agent": agent, "namespace": namespace, "ttl_seconds": ttl.as_secs().max(1)});
+    let v = server
+        .send(
+            reqwest::Method::POST,
+            "/v1/join-tokens",
+            Some(&body),
+            Some(admin.trim()),
+        )
+        .await?;
+    if server.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        // The token alone on stdout, for `$(agentmesh token create ...)`; the rest on stderr.
+        eprintln!(
+            "join token for {} (single use, expires at unix {}):",
+            str_of(&v, "spiffe_id"),
+            v["expires_at_unix"]
+        );
+        println!("{}", str_of(&v, "token"));
     }
     Ok(0)
 }

@@ -4,15 +4,17 @@
 //! state and the config source's status. Reads are open to whoever reaches the port; changes
 //! need the admin token (`Authorization: Bearer`), closed by default.
 
+use crate::ca_api;
 use crate::control::Control;
 use crate::model::{check_agent, AgentSpec};
 use crate::registry::{now_unix, Certification, HEALTH_WINDOW};
 use crate::resources::card;
+use crate::tls::Root;
 use agentmesh_control_api::discovery as wire;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -23,6 +25,9 @@ pub struct Api {
     pub control: Arc<Control>,
     /// The admin token that changes need.
     pub token: Arc<String>,
+    /// The CA that signs SVIDs, and how long they live.
+    pub root: Arc<Root>,
+    pub svid_ttl: std::time::Duration,
 }
 
 pub fn router(api: Api) -> Router {
@@ -38,6 +43,9 @@ pub fn router(api: Api) -> Router {
             "/v1/agents/{name}/certification",
             get(certification).post(certify),
         )
+        .route("/v1/join-tokens", post(ca_api::join_token))
+        .route("/v1/svid", post(ca_api::svid))
+        .route("/v1/trust-bundle", get(ca_api::trust_bundle))
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
@@ -55,7 +63,7 @@ pub struct ApiError {
     message: String,
 }
 
-fn error(status: StatusCode, kind: &'static str, message: &str) -> ApiError {
+pub(crate) fn error(status: StatusCode, kind: &'static str, message: &str) -> ApiError {
     ApiError {
         status,
         kind,
@@ -73,10 +81,10 @@ impl IntoResponse for ApiError {
     }
 }
 
-type Answer = Result<Response, ApiError>;
+pub(crate) type Answer = Result<Response, ApiError>;
 
 impl Api {
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+    pub(crate) fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let given = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -112,7 +120,7 @@ impl Api {
         })
     }
 
-    fn find(&self, name: &str) -> Result<wire::Agent, ApiError> {
+    pub(crate) fn find(&self, name: &str) -> Result<wire::Agent, ApiError> {
         self.control.world().agent(name).cloned().ok_or_else(|| {
             error(
                 StatusCode::NOT_FOUND,
@@ -212,12 +220,14 @@ fn checks(api: &Api, name: &str) -> Response {
 }
 
 /// A JSON body, or a 400 saying what is wrong with it.
-fn body<T>(b: Result<Json<T>, axum::extract::rejection::JsonRejection>) -> Result<T, ApiError> {
+pub(crate) fn body<T>(
+    b: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, ApiError> {
     b.map(|Json(v)| v)
         .map_err(|e| error(StatusCode::BAD_REQUEST, "invalid_body", &e.body_text()))
 }
 
-fn persist_failed(e: crate::registry::RegistryError) -> ApiError {
+pub(crate) fn persist_failed(e: crate::registry::RegistryError) -> ApiError {
     error(StatusCode::INTERNAL_SERVER_ERROR, "persist", &e.to_string())
 }
 

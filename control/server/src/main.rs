@@ -34,6 +34,9 @@ struct Args {
     /// Registry API (HTTPS).
     #[arg(long, default_value = "127.0.0.1:15012", env = "AGENTMESH_CONTROL_API")]
     api: SocketAddr,
+    /// How long the X.509-SVIDs the CA signs live (sidecars renew at half-life).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, env = "AGENTMESH_SVID_TTL")]
+    svid_ttl: std::time::Duration,
     /// Only validate the config directory and exit (0 if valid).
     #[arg(long)]
     check: bool,
@@ -73,7 +76,8 @@ fn main_inner() -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("cannot create {}", args.state_dir.display()))?;
-    let root = Root::load_or_create(&args.state_dir).map_err(anyhow::Error::msg)?;
+    let root =
+        std::sync::Arc::new(Root::load_or_create(&args.state_dir).map_err(anyhow::Error::msg)?);
     let token_file = args.state_dir.join("admin-token");
     let token = match std::fs::read_to_string(&token_file) {
         Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
@@ -111,7 +115,7 @@ fn main_inner() -> anyhow::Result<()> {
             }
             tracing::info!("shutting down");
         };
-        run(control, &root, token, listeners, shutdown)
+        run(control, root, args.svid_ttl, token, listeners, shutdown)
             .await
             .map_err(anyhow::Error::msg)
     })

@@ -83,6 +83,53 @@ struct Persisted {
     registered: BTreeMap<String, AgentSpec>,
     #[serde(default)]
     certification: BTreeMap<String, Vec<Certification>>,
+    /// Join tokens by the SHA-256 of their value (the value itself is never stored).
+    #[serde(default)]
+    join_tokens: BTreeMap<String, JoinToken>,
+}
+
+/// A single-use credential for an agent's first SVID (local mode; a Kubernetes service-account
+/// token plays this part in a cluster).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JoinToken {
+    pub namespace: String,
+    pub agent: String,
+    pub expires_at_unix: u64,
+    #[serde(default)]
+    pub used_at_unix: Option<u64>,
+}
+
+/// Why a join token was refused (each a distinct, logged 401).
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TokenError {
+    #[error("unknown join token")]
+    Unknown,
+    #[error("the join token expired")]
+    Expired,
+    #[error("the join token was already used")]
+    Used,
+}
+
+fn check<'a>(p: &'a Persisted, token: &str) -> Result<&'a JoinToken, TokenError> {
+    let t = p
+        .join_tokens
+        .get(&token_key(token))
+        .ok_or(TokenError::Unknown)?;
+    if t.used_at_unix.is_some() {
+        return Err(TokenError::Used);
+    }
+    if now_unix() >= t.expires_at_unix {
+        return Err(TokenError::Expired);
+    }
+    Ok(t)
+}
+
+fn token_key(token: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[derive(Debug, Default)]
@@ -158,6 +205,54 @@ impl Registry {
 
     pub fn registered(&self) -> BTreeMap<String, AgentSpec> {
         self.lock().saved.registered.clone()
+    }
+
+    /// Makes a join token for an agent; returns its value (shown once, stored hashed).
+    pub fn new_join_token(
+        &self,
+        namespace: &str,
+        agent: &str,
+        ttl_seconds: u64,
+    ) -> Result<(String, JoinToken), RegistryError> {
+        let value: String = rand::random::<[u8; 32]>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let now = now_unix();
+        let t = JoinToken {
+            namespace: namespace.into(),
+            agent: agent.into(),
+            expires_at_unix: now + ttl_seconds,
+            used_at_unix: None,
+        };
+        self.change(|p| {
+            // Tokens past their time are of no use to anyone: dropped as new ones are made.
+            p.join_tokens
+                .retain(|_, old| old.expires_at_unix + 86_400 > now);
+            p.join_tokens.insert(token_key(&value), t.clone());
+        })?;
+        Ok((value, t))
+    }
+
+    /// Checks a join token without using it up.
+    pub fn check_join_token(&self, token: &str) -> Result<JoinToken, TokenError> {
+        check(&self.lock().saved, token).cloned()
+    }
+
+    /// Checks and uses up a join token in one step (two requests with one token: one wins);
+    /// the use is persisted, so it stays used across restarts.
+    pub fn take_join_token(
+        &self,
+        token: &str,
+    ) -> Result<Result<JoinToken, TokenError>, RegistryError> {
+        let now = now_unix();
+        self.change(|p| {
+            let t = check(p, token)?.clone();
+            if let Some(held) = p.join_tokens.get_mut(&token_key(token)) {
+                held.used_at_unix = Some(now);
+            }
+            Ok(t)
+        })
     }
 
     pub fn certify(&self, agent: &str, mut c: Certification) -> Result<(), RegistryError> {

@@ -4,6 +4,7 @@
 
 use crate::ads::Ads;
 use crate::api::{router, Api};
+use crate::ca_api::PeerIdentity;
 use crate::control::{hostname, Control};
 use crate::tls::Root;
 use agentmesh_control_api::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
@@ -33,7 +34,8 @@ impl Listeners {
 /// Serves until `shutdown` resolves.
 pub async fn run(
     control: Arc<Control>,
-    root: &Root,
+    root: Arc<Root>,
+    svid_ttl: Duration,
     token: String,
     listeners: Listeners,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -85,6 +87,8 @@ pub async fn run(
     let app = router(Api {
         control: control.clone(),
         token: Arc::new(token),
+        root: root.clone(),
+        svid_ttl,
     });
     let mut stop = stop_rx.clone();
     let api_listener = listeners.api;
@@ -112,6 +116,14 @@ pub async fn run(
                         return;
                     }
                 };
+                // The client certificate, if one was presented (verified against the root).
+                let peer = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|der| agentmesh_control_api::identity::agent_id_of(der).ok());
+                let app = app.layer(axum::Extension(PeerIdentity(peer)));
                 let service = hyper_util::service::TowerToHyperService::new(app);
                 let _ = hyper_util::server::conn::auto::Builder::new(
                     hyper_util::rt::TokioExecutor::new(),

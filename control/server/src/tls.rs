@@ -93,11 +93,104 @@ impl Root {
         ))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| e.to_string())?
-        .with_no_client_auth()
+        // A sidecar renewing its SVID authenticates with the current one; other clients
+        // present no certificate.
+        .with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(self.roots()),
+                Arc::new(rustls::crypto::ring::default_provider()),
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| e.to_string())?,
+        )
         .with_single_cert(chain, key_der)
         .map_err(|e| e.to_string())?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
+    }
+}
+
+/// Why a CSR was not signed.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SignError {
+    #[error("the CSR is not a valid, self-signed PKCS#10 request")]
+    BadCsr,
+    #[error("the CSR asks for {asked:?}; this credential may only get `{allowed}`")]
+    WrongIdentity { asked: Vec<String>, allowed: String },
+    #[error("cannot sign: {0}")]
+    Sign(String),
+}
+
+/// A signed X.509-SVID.
+pub struct Svid {
+    pub cert_pem: String,
+    pub not_after_unix: u64,
+}
+
+impl Root {
+    /// Signs an X.509-SVID for `id` on a CSR (its signature proves the requester holds the key,
+    /// which never leaves it). The CSR must ask for exactly `id`'s SPIFFE ID; everything else in
+    /// it is ignored: the certificate carries the SPIFFE ID (URI SAN) and its DNS form, a client
+    /// and server usage, and lives `ttl`.
+    pub fn sign_svid(
+        &self,
+        csr_pem: &str,
+        id: &agentmesh_control_api::identity::AgentId,
+        ttl: std::time::Duration,
+    ) -> Result<Svid, SignError> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|_| SignError::BadCsr)?;
+        let asked: Vec<String> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|s| match s {
+                SanType::URI(u) => u.as_str().to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        if asked != [id.spiffe_id()] {
+            return Err(SignError::WrongIdentity {
+                asked,
+                allowed: id.spiffe_id(),
+            });
+        }
+        let sign = |e: rcgen::Error| SignError::Sign(e.to_string());
+        let mut p = CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.subject_alt_names = vec![
+            SanType::URI(id.spiffe_id().try_into().map_err(sign)?),
+            SanType::DnsName(id.dns_name().try_into().map_err(sign)?),
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        // A little slack for clocks behind the CA's.
+        p.not_before = now - time::Duration::minutes(5);
+        let not_after = now + ttl;
+        p.not_after = not_after;
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        p.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
+        csr.params = p;
+        let cert = csr.signed_by(&self.cert, &self.key).map_err(sign)?;
+        Ok(Svid {
+            cert_pem: cert.pem(),
+            not_after_unix: u64::try_from(not_after.unix_timestamp()).unwrap_or(0),
+        })
+    }
+
+    /// The root store holding this CA, for verifying client certificates.
+    pub fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        let _ = roots.add(self.cert.der().clone());
+        roots
     }
 }
 

@@ -35,6 +35,7 @@ pub struct Admin {
     pub traces: Arc<Traces>,
     pub tap: Arc<Tap>,
     pub log: Option<Arc<LogControl>>,
+    pub identity: Option<Arc<crate::identity::Identity>>,
 }
 
 /// `GET /logging` shows the log filter; `POST /logging?filter=DIRECTIVES` replaces it.
@@ -210,9 +211,11 @@ impl Admin {
                     .any(|p| p == "fresh=1" || p == "fresh=true");
                 // With a control server: not ready before a first config (pushed or persisted),
                 // and with `?fresh=1` not ready while that config may be stale.
-                let (code, status) = match &control {
-                    Some(c) if c.source == "none" => (503, "waiting for the control server"),
-                    Some(c) if want_fresh && !c.fresh => (503, "config is not fresh"),
+                let identity = self.identity.as_ref().map(|i| i.status());
+                let (code, status) = match (&control, &identity) {
+                    (_, Some(i)) if !i.ready => (503, "waiting for an SVID"),
+                    (Some(c), _) if c.source == "none" => (503, "waiting for the control server"),
+                    (Some(c), _) if want_fresh && !c.fresh => (503, "config is not fresh"),
                     _ => (200, "ready"),
                 };
                 json_response(
@@ -222,6 +225,7 @@ impl Admin {
                         "config_version": snap.version,
                         "agent": snap.config.agent.name,
                         "control": control,
+                        "identity": identity,
                     }),
                 )
             }
@@ -239,6 +243,7 @@ impl Admin {
                         "loaded_at_unix": loaded,
                         "status": self.store.status(),
                         "control": self.store.control(),
+                        "identity": self.identity.as_ref().map(|i| i.status()),
                         "policy": snap.policy.as_ref().map(|p| json!({
                             "revision": p.revision(),
                             "decision": p.decision_path(),

@@ -66,6 +66,42 @@ pub struct Config {
     /// the whole config.
     #[serde(default)]
     pub control: Option<ControlConfig>,
+    /// The sidecar's SPIFFE identity (docs/identity.md): with it, calls between sidecars are
+    /// mutually authenticated TLS; without it, the inbound listener takes plaintext only when
+    /// `inbound.allow_plaintext` says so.
+    #[serde(default)]
+    pub identity: Option<IdentityConfig>,
+}
+
+/// Where the sidecar's X.509-SVID comes from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The control server's API, which signs SVIDs: `https://127.0.0.1:15012`.
+    pub ca_server: String,
+    /// The control server's CA certificate (its `ca.pem`), trusted for that first contact.
+    /// Relative to the config file.
+    pub ca_file: PathBuf,
+    /// A file holding the join token for the first SVID (relative to the config file).
+    #[serde(default)]
+    pub join_token_file: Option<PathBuf>,
+    /// Or the environment variable holding it.
+    #[serde(default = "default_token_env")]
+    pub join_token_env: String,
+    /// Where the SVID and its key are kept between restarts (the key owner-only). Relative to
+    /// the config file; default `.agentmesh/<agent>-identity` beside it.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+}
+
+fn default_token_env() -> String {
+    "AGENTMESH_JOIN_TOKEN".into()
+}
+
+fn default_trust_domain() -> String {
+    agentmesh_control_api::identity::TRUST_DOMAIN.into()
 }
 
 /// A logical name balanced over several upstreams (those with an endpoint that takes calls).
@@ -467,13 +503,38 @@ impl Config {
                 ));
             }
         }
-        if self.inbound.forward_to.is_some() && !self.inbound.allow_plaintext {
-            return Err(invalid(
-                "inbound.allow_plaintext".into(),
-                "inbound traffic between sidecars must be mTLS, which this build does not yet \
-                 provide; set `allow_plaintext: true` to accept plaintext explicitly"
-                    .into(),
-            ));
+        match (&self.identity, self.inbound.allow_plaintext) {
+            (None, false) if self.inbound.forward_to.is_some() => {
+                return Err(invalid(
+                    "inbound.allow_plaintext".into(),
+                    "calls between sidecars are mTLS, which needs an `identity`; set \
+                     `allow_plaintext: true` to accept plaintext explicitly"
+                        .into(),
+                ))
+            }
+            (Some(_), true) => {
+                return Err(invalid(
+                    "inbound.allow_plaintext".into(),
+                    "with an `identity`, the inbound listener takes mTLS only: remove \
+                     `allow_plaintext`"
+                        .into(),
+                ))
+            }
+            _ => {}
+        }
+        if let Some(i) = &self.identity {
+            if !i.ca_server.starts_with("https://") || i.ca_server.parse::<http::Uri>().is_err() {
+                return Err(invalid(
+                    "identity.ca_server".into(),
+                    format!("`{}` is not an https:// URL", i.ca_server),
+                ));
+            }
+            if !is_dns_label(&i.trust_domain) {
+                return Err(invalid(
+                    "identity.trust_domain".into(),
+                    format!("`{}` is not a trust domain", i.trust_domain),
+                ));
+            }
         }
         if let Some(c) = &self.control {
             let ok = c.address.starts_with("http://") || c.address.starts_with("https://");

@@ -12,6 +12,7 @@ pub mod config;
 pub mod cost;
 pub mod decide;
 pub mod decisionlog;
+pub mod identity;
 pub mod linesink;
 pub mod logging;
 pub mod metrics;

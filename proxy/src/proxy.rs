@@ -15,6 +15,7 @@ use crate::classify::{classify, ClassifyError, Destination};
 use crate::config::CallKind;
 use crate::decide::{self, CallFacts, PolicyCounters, Verdict};
 use crate::decisionlog::{DecisionLog, Entry};
+use crate::identity::{Identity, Peer};
 use crate::metrics::Metrics;
 use crate::record::{CallRecord, Direction, PolicyResult};
 use crate::reject::Rejection;
@@ -24,6 +25,7 @@ use crate::state::{Snapshot, Store};
 use crate::tap::{Tap, TapEvent};
 use crate::traces::{CallSpan, Traces};
 use crate::usage::UsageReader;
+use agentmesh_control_api::identity::AgentId;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora::http::ResponseHeader;
@@ -45,6 +47,8 @@ pub struct MeshProxy {
     pub tap: Arc<Tap>,
     /// The local agent's LLM spend in the budget window.
     pub spend: Arc<Spend>,
+    /// The sidecar's SPIFFE identity; with it, calls to peers are mTLS.
+    pub identity: Option<Arc<Identity>>,
 }
 
 /// Largest body read before connecting upstream: pingora replays a body it has read only from its
@@ -75,6 +79,8 @@ pub struct CallCtx {
     breaker_noted: bool,
     /// The call's span, when traces are on.
     span: Option<CallSpan>,
+    /// Inbound over mTLS: the calling peer, from its verified certificate.
+    peer: Option<AgentId>,
 }
 
 impl CallCtx {
@@ -89,12 +95,32 @@ fn bodyful(method: &str) -> bool {
 
 impl MeshProxy {
     /// Who is calling, as telemetry labels it: the local agent on the way out; on the way in,
-    /// the peer, known once mTLS identifies sidecars (issue 6).
-    fn source<'a>(&self, snap: &'a Snapshot) -> &'a str {
-        match self.direction {
-            Direction::Outbound => snap.config.agent.name.as_str(),
-            Direction::Inbound => "unknown",
+    /// the peer its mTLS certificate names (`unknown` over plaintext).
+    fn source<'a>(&self, snap: &'a Snapshot, peer: &'a Option<AgentId>) -> &'a str {
+        match (self.direction, peer) {
+            (Direction::Outbound, _) => snap.config.agent.name.as_str(),
+            (Direction::Inbound, Some(p)) => p.agent.as_str(),
+            (Direction::Inbound, None) => "unknown",
         }
+    }
+
+    /// identify, inbound: with an identity, the peer's verified SPIFFE ID, or a refusal saying
+    /// why there is none (no client certificate, not TLS 1.3, a certificate without one).
+    fn identify_peer(&self, session: &Session) -> Result<Option<AgentId>, Rejection> {
+        if self.direction != Direction::Inbound || self.identity.is_none() {
+            return Ok(None);
+        }
+        let peer = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .and_then(|t| t.extension.get::<Peer>());
+        let why = match peer.map(|p| &p.0) {
+            Some(Ok(id)) => return Ok(Some(id.clone())),
+            Some(Err(why)) => format!("the calling sidecar is not identified: {why}"),
+            None => "calls between sidecars must be mTLS".to_string(),
+        };
+        tracing::warn!(reason = %why, "inbound call refused");
+        Err(Rejection::new(401, "unauthenticated_peer", why))
     }
 
     /// Sends a rejection straight to the caller; the call ends in this phase.
@@ -157,6 +183,7 @@ impl MeshProxy {
         };
         // Recorded before the grant check, so that refusals are logged like any call.
         ctx.record = Some(CallRecord::new(self.direction, kind, &name, method, &fwd));
+        ctx.peer = self.identify_peer(session)?;
         let upstream = match self.direction {
             Direction::Outbound => snap.upstream_for(&name).ok_or_else(|| {
                 Rejection::new(
@@ -227,14 +254,23 @@ impl MeshProxy {
             return Ok(());
         };
         let req = session.req_header();
-        let (agent, destination) = match self.direction {
-            Direction::Outbound => (snap.config.agent.name.as_str(), up.config.short_name()),
-            // The calling peer is known once mTLS identifies sidecars (issue 6).
-            Direction::Inbound => ("", snap.config.agent.name.as_str()),
+        let own = self.identity.as_ref().map(|i| i.id.spiffe_id());
+        let peer = ctx.peer.as_ref().map(|p| (p.agent.as_str(), p.spiffe_id()));
+        let (agent, spiffe_id, destination) = match (self.direction, &peer) {
+            (Direction::Outbound, _) => (
+                snap.config.agent.name.as_str(),
+                own.as_deref(),
+                up.config.short_name(),
+            ),
+            (Direction::Inbound, Some((agent, id))) => {
+                (*agent, Some(id.as_str()), snap.config.agent.name.as_str())
+            }
+            // Plaintext (allowed by config): the caller is not known.
+            (Direction::Inbound, None) => ("", None, snap.config.agent.name.as_str()),
         };
         let facts = CallFacts {
             agent,
-            spiffe_id: None,
+            spiffe_id,
             destination,
             path: req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
             headers: &req.headers,
@@ -257,7 +293,8 @@ impl MeshProxy {
             &rec.target,
         );
         self.policy_counters.count(&out);
-        self.metrics.decision(self.source(snap), rec, &out);
+        self.metrics
+            .decision(self.source(snap, &ctx.peer), rec, &out);
         self.decision_log.write(&Entry {
             inputs: &inputs,
             evaluations: &out.evaluations,
@@ -393,6 +430,7 @@ impl ProxyHttp for MeshProxy {
             upstream_failed: false,
             breaker_noted: false,
             span: None,
+            peer: None,
         }
     }
 
@@ -472,8 +510,33 @@ impl ProxyHttp for MeshProxy {
             .address(i)
             .await
             .map_err(|m| Error::explain(ErrorType::ConnectNoRoute, m))?;
-        let sni = up.config.tls.sni.clone().unwrap_or_else(|| ep.host.clone());
-        let mut peer = HttpPeer::new(addr, ep.tls, sni);
+        // To a peer agent with an identity: mTLS with the current SVID, the peer's certificate
+        // checked against the trust bundle and its identity as the name.
+        let mesh_tls = match (&self.identity, up.config.kind()) {
+            (Some(id), Some(CallKind::A2a)) if self.direction == Direction::Outbound => {
+                let svid = id.current().ok_or_else(|| {
+                    ctx.rejection = Some(Rejection::new(
+                        503,
+                        "no_identity",
+                        "this sidecar has no SVID yet: calls to peers wait for one",
+                    ));
+                    Error::explain(ErrorType::HTTPStatus(503), "no SVID")
+                })?;
+                let peer_id = AgentId::new(
+                    &id.id.trust_domain,
+                    &self.store.namespace_of(up.config.short_name()),
+                    up.config.short_name(),
+                );
+                Some((svid, peer_id.dns_name()))
+            }
+            _ => None,
+        };
+        let tls = ep.tls || mesh_tls.is_some();
+        let sni = match &mesh_tls {
+            Some((_, name)) => name.clone(),
+            None => up.config.tls.sni.clone().unwrap_or_else(|| ep.host.clone()),
+        };
+        let mut peer = HttpPeer::new(addr, tls, sni);
         // Pools are per logical upstream: two upstreams with different trust settings never
         // share a connection, even to the same address.
         peer.group_key = up.pool_key;
@@ -483,7 +546,10 @@ impl ProxyHttp for MeshProxy {
         peer.options.read_timeout = Some(t.read);
         peer.options.write_timeout = Some(t.read);
         peer.options.idle_timeout = Some(t.idle);
-        if ep.tls {
+        if let Some((svid, _)) = &mesh_tls {
+            peer.client_cert_key = Some(svid.cert_key.clone());
+            peer.options.ca = Some(svid.bundle.clone());
+        } else if ep.tls {
             if up.config.http2 {
                 peer.options.set_http_version(2, 1);
             }
@@ -764,21 +830,26 @@ impl ProxyHttp for MeshProxy {
             };
             let snap = self.store.snapshot();
             if self.tap.watched() {
-                let event = TapEvent::new(r, self.source(&snap), &times, trace_id.as_deref());
+                let event = TapEvent::new(
+                    r,
+                    self.source(&snap, &ctx.peer),
+                    &times,
+                    trace_id.as_deref(),
+                );
                 self.tap.publish(event);
             }
             self.access_log.write(
                 r,
-                self.source(&snap),
+                self.source(&snap, &ctx.peer),
                 times,
                 ctx.rejection.as_ref(),
                 trace_id.as_deref(),
             );
             self.metrics
-                .call(self.source(&snap), r, ctx.started.elapsed());
+                .call(self.source(&snap, &ctx.peer), r, ctx.started.elapsed());
             if let Some(span) = ctx.span.take() {
                 let error = e.map(|e| e.to_string());
-                span.finish(r, self.source(&snap), error.as_deref());
+                span.finish(r, self.source(&snap, &ctx.peer), error.as_deref());
             }
         }
     }

@@ -6,6 +6,7 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::decide::PolicyCounters;
 use crate::decisionlog::DecisionLog;
+use crate::identity::{Identity, PeerIdentity, PeerVerifier, Renewer, ServerCert};
 use crate::metrics::Metrics;
 use crate::proxy::MeshProxy;
 use crate::pushed::Pushed;
@@ -17,6 +18,7 @@ use crate::tap::Tap;
 use crate::traces::Traces;
 use crate::xds::XdsClient;
 use pingora::apps::HttpServerOptions;
+use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -82,8 +84,14 @@ pub fn build(
 
     let listeners = config.listeners.clone();
     let inbound_on = config.inbound.forward_to.is_some();
-    if desired.policy.is_none() {
-        tracing::warn!("no `policy.path` in the config: every call will be denied");
+    match (&desired.policy, &config.control) {
+        (Some(_), _) => {}
+        (None, Some(_)) => tracing::info!(
+            "no policy yet: every call is denied until the control server pushes one"
+        ),
+        (None, None) => {
+            tracing::warn!("no `policy.path` in the config: every call will be denied")
+        }
     }
     // Trace export is set up once at start (a changed `telemetry` section takes a restart).
     let traces = Arc::new(Traces::new(
@@ -91,6 +99,13 @@ pub fn build(
         &config.agent.name,
     )?);
     let control = bootstrap.control.clone();
+    let identity = match &config.identity {
+        Some(c) => Some(
+            Identity::new(c.clone(), &config.agent.namespace, &config.agent.name)
+                .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
     let store = Store::new(
         desired,
         bootstrap,
@@ -121,6 +136,7 @@ pub fn build(
         traces: traces.clone(),
         tap: tap.clone(),
         spend: spend.clone(),
+        identity: identity.clone(),
     };
     let mut outbound = ProxyServiceBuilder::new(&conf, proxy(Direction::Outbound))
         .name("outbound")
@@ -134,7 +150,18 @@ pub fn build(
             .name("inbound")
             .server_options(h2c)
             .build();
-        inbound.add_tcp(&addr.to_string());
+        match &identity {
+            // mTLS: its certificate is the current SVID, peers' certificates must chain to the
+            // trust bundle, and each connection carries the peer's SPIFFE ID.
+            Some(id) => {
+                let mut tls = TlsSettings::with_callbacks(Box::new(PeerIdentity))?;
+                tls.set_cert_resolver(Arc::new(ServerCert(id.clone())));
+                tls.set_client_cert_verifier(Arc::new(PeerVerifier(id.clone())));
+                tls.enable_h2();
+                inbound.add_tls_with_settings(&addr.to_string(), None, tls);
+            }
+            None => inbound.add_tcp(&addr.to_string()),
+        }
         server.add_service(inbound);
     }
 
@@ -149,11 +176,15 @@ pub fn build(
             traces,
             tap,
             log: opts.log.clone(),
+            identity: identity.clone(),
         },
     );
     admin.add_tcp(&listeners.admin.to_string());
     server.add_service(admin);
 
+    if let Some(id) = identity {
+        server.add_service(background_service("identity renewer", Renewer(id)));
+    }
     if let Some(control) = control {
         server.add_service(background_service(
             "control-plane client",

@@ -278,6 +278,20 @@ impl Store {
         lock(&self.pushed).clone()
     }
 
+    /// A peer agent's namespace, from its pushed registry entry (`default` without one).
+    pub fn namespace_of(&self, agent: &str) -> String {
+        use agentmesh_control_api::discovery::resource::Kind;
+        let pushed = lock(&self.pushed).clone();
+        pushed
+            .and_then(
+                |p| match &p.resources.get(&format!("agent/{agent}"))?.kind {
+                    Some(Kind::Agent(a)) if !a.namespace.is_empty() => Some(a.namespace.clone()),
+                    _ => None,
+                },
+            )
+            .unwrap_or_else(|| "default".into())
+    }
+
     /// Composes a bootstrap config with the running pushed set.
     pub fn compose_bootstrap(&self, bootstrap: Config) -> Result<Desired, LoadError> {
         let pushed = self.pushed();

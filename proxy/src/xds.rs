@@ -43,7 +43,15 @@ impl XdsClient {
         });
         let advertise = config.advertise.clone().unwrap_or_else(|| {
             match (boot.inbound.forward_to, boot.listeners.inbound) {
-                (Some(_), Some(addr)) => format!("http://127.0.0.1:{}", addr.port()),
+                (Some(_), Some(addr)) => {
+                    // With an identity the inbound listener is mTLS.
+                    let scheme = if boot.identity.is_some() {
+                        "https"
+                    } else {
+                        "http"
+                    };
+                    format!("{scheme}://127.0.0.1:{}", addr.port())
+                }
                 _ => String::new(),
             }
         });

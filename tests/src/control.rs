@@ -24,26 +24,39 @@ impl Control {
         Self::start_on(config_dir, &state, free_port(), free_port()).await
     }
 
+    /// Starts on fresh ports with extra flags (e.g. `--svid-ttl 6s`).
+    pub async fn start_with(config_dir: &Path, state_dir: &Path, extra: &[&str]) -> Control {
+        Self::launch(config_dir, state_dir, free_port(), free_port(), extra).await
+    }
+
     /// Starts on given ports and state (a restart keeps both).
     pub async fn start_on(config_dir: &Path, state_dir: &Path, xds: u16, api: u16) -> Control {
+        Self::launch(config_dir, state_dir, xds, api, &[]).await
+    }
+
+    async fn launch(
+        config_dir: &Path,
+        state_dir: &Path,
+        xds: u16,
+        api: u16,
+        extra: &[&str],
+    ) -> Control {
         let xds_addr = format!("127.0.0.1:{xds}");
         let api_addr = format!("127.0.0.1:{api}");
         let log = state_dir.with_file_name(format!("control-{}.log", free_port()));
         std::fs::create_dir_all(state_dir).expect("state dir");
-        let proc = spawn(
-            "agentmesh-control",
-            &[
-                "--config-dir",
-                config_dir.to_str().unwrap_or_default(),
-                "--state-dir",
-                state_dir.to_str().unwrap_or_default(),
-                "--xds",
-                &xds_addr,
-                "--api",
-                &api_addr,
-            ],
-            &log,
-        );
+        let mut args = vec![
+            "--config-dir",
+            config_dir.to_str().unwrap_or_default(),
+            "--state-dir",
+            state_dir.to_str().unwrap_or_default(),
+            "--xds",
+            &xds_addr,
+            "--api",
+            &api_addr,
+        ];
+        args.extend_from_slice(extra);
+        let proc = spawn("agentmesh-control", &args, &log);
         // The CA and token are written before the ports open.
         let deadline = Instant::now() + Duration::from_secs(20);
         while tokio::net::TcpStream::connect(&api_addr).await.is_err() {

@@ -157,6 +157,11 @@ impl UpstreamConfig {
             .or_else(|| split_name(&self.name).and_then(|(_, p)| infer_llm_api(p)))
     }
 
+    /// The kind its name's prefix gives.
+    pub fn kind(&self) -> Option<CallKind> {
+        split_name(&self.name).map(|(k, _)| k)
+    }
+
     /// The part after the prefix: the provider, server, agent or service name.
     pub fn short_name(&self) -> &str {
         split_name(&self.name).map(|(_, n)| n).unwrap_or(&self.name)

@@ -1,0 +1,375 @@
+//! mTLS between sidecars with SVIDs from the control server's CA (issue 6): the happy path
+//! between two agents with the caller's SPIFFE ID reaching the callee's policy input; peers
+//! with no certificate, a certificate from another CA, an expired one, a non-agent SPIFFE ID, or
+//! the wrong identity for the name called — each refused with the reason logged; plaintext
+//! refused; and SVID rotation under load without a failed call.
+
+use agentmesh_tests::control::Control;
+use agentmesh_tests::{Fixture, Scratch, Sidecar};
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const ALLOW: &str = "package agentmesh.authz\n\ndecision := true\n";
+
+fn mesh(extra_writer: &str) -> String {
+    format!(
+        "policies: [{{name: standard, path: policy}}]\nagents:\n  - {{name: planner, calls: {{agents: [writer]}}, policy: standard}}\n  - {{name: writer, policy: standard{extra_writer}}}\n  - {{name: editor, policy: standard}}\n"
+    )
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A sidecar of `agent` with an identity from `control` (its join token in a file) and a
+/// subscription; `inbound_to`: the agent's own server, if it takes calls.
+async fn sidecar(
+    dir: &Scratch,
+    control: &Control,
+    agent: &str,
+    inbound_to: Option<u16>,
+) -> Sidecar {
+    let (s, t) = control
+        .call(
+            Method::POST,
+            "/v1/join-tokens",
+            Some(&json!({"agent": agent})),
+            true,
+        )
+        .await;
+    assert_eq!(s, 201, "{t}");
+    let token = dir.path("join-token");
+    std::fs::write(&token, t["token"].as_str().unwrap()).unwrap();
+    let ca = control.state_dir.join("ca.pem");
+    let (xds, api) = (control.address(), control.url(""));
+    let inbound = inbound_to
+        .map(|p| format!("inbound: {{forward_to: \"127.0.0.1:{p}\", kind: http}}\n"))
+        .unwrap_or_default();
+    let id_dir = dir.path("identity");
+    Sidecar::start_agent(dir, agent, move |_, _, _| {
+        format!(
+            "identity: {{ca_server: \"{api}\", ca_file: \"{}\", join_token_file: \"{}\", dir: \"{}\"}}\ncontrol: {{address: \"{xds}\"}}\n{inbound}",
+            ca.display(),
+            token.display(),
+            id_dir.display()
+        )
+    })
+    .await
+}
+
+async fn get(url: &str) -> (u16, Value) {
+    let r = reqwest::get(url).await.expect("the sidecar answers");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn wait_for(what: &str, mut f: impl FnMut() -> bool, show: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: {}", show());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn log_of(dir: &Scratch) -> String {
+    std::fs::read_to_string(dir.path("sidecar.log")).unwrap_or_default()
+}
+
+/// A client certificate for `spiffe_id`, signed by the given issuer (or self-signed), valid
+/// from `from` to `to` (unix seconds).
+fn client_cert(
+    spiffe_id: &str,
+    issuer: Option<(&str, &str)>,
+    from: i64,
+    to: i64,
+) -> reqwest::Identity {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names = vec![rcgen::SanType::URI(spiffe_id.try_into().unwrap())];
+    p.not_before = time::OffsetDateTime::from_unix_timestamp(from).unwrap();
+    p.not_after = time::OffsetDateTime::from_unix_timestamp(to).unwrap();
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = match issuer {
+        Some((ca_pem, ca_key_pem)) => {
+            let ca_key = rcgen::KeyPair::from_pem(ca_key_pem).unwrap();
+            let ca = rcgen::CertificateParams::from_ca_cert_pem(ca_pem)
+                .unwrap()
+                .self_signed(&ca_key)
+                .unwrap();
+            p.signed_by(&key, &ca, &ca_key).unwrap()
+        }
+        None => p.self_signed(&key).unwrap(),
+    };
+    reqwest::Identity::from_pem(format!("{}{}", cert.pem(), key.serialize_pem()).as_bytes())
+        .unwrap()
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Calls the writer's inbound port directly, as a foreign sidecar would.
+async fn call_inbound(
+    control: &Control,
+    port: u16,
+    identity: Option<reqwest::Identity>,
+) -> Result<(u16, Value), String> {
+    let ca = std::fs::read(control.state_dir.join("ca.pem")).unwrap();
+    let mut b = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .tls_built_in_root_certs(false)
+        .resolve(
+            "writer.default.agent.mesh.local",
+            ([127, 0, 0, 1], port).into(),
+        );
+    if let Some(i) = identity {
+        b = b.identity(i);
+    }
+    let r = b
+        .build()
+        .unwrap()
+        .get(format!(
+            "https://writer.default.agent.mesh.local:{port}/healthz"
+        ))
+        .send()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let status = r.status().as_u16();
+    Ok((status, r.json().await.unwrap_or(Value::Null)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_call_each_other_over_mtls_and_refuse_everyone_else() {
+    let dir = Scratch::new("mtls");
+    let llm = Fixture::mock_llm(&dir, &[]).await;
+    let conf = dir.path("mesh");
+    write(&conf.join("policy/authz.rego"), ALLOW);
+    write(&conf.join("mesh.yaml"), &mesh(""));
+    let control = Control::start(&conf).await;
+    let (wd, pd) = (Scratch::new("mtls-writer"), Scratch::new("mtls-planner"));
+    let writer = sidecar(&wd, &control, "writer", Some(llm.port)).await;
+    let planner = sidecar(&pd, &control, "planner", None).await;
+    let ready = planner.config_dump().await;
+    assert_eq!(
+        ready["identity"]["spiffe_id"],
+        "spiffe://mesh.local/ns/default/agent/planner"
+    );
+    assert_eq!(ready["identity"]["ready"], true);
+
+    // The happy path: planner → writer over mTLS, the caller known to the callee.
+    planner
+        .wait_dump(|d| {
+            d["config"]["upstreams"].as_array().is_some_and(|u| {
+                u.iter().any(|u| {
+                    u["name"] == "agents/writer"
+                        && u["endpoints"][0]
+                            .as_str()
+                            .is_some_and(|e| e.starts_with("https://"))
+                })
+            })
+        })
+        .await;
+    let (s, v) = get(&planner.url("/agents/writer/healthz")).await;
+    assert_eq!(s, 200, "{v}");
+    let calls = writer.wait_calls(1).await;
+    assert_eq!(calls[0]["source"], "planner", "{calls:?}");
+    let decisions = writer.decisions();
+    assert_eq!(
+        decisions[0]["input"]["source"]["spiffe_id"],
+        "spiffe://mesh.local/ns/default/agent/planner",
+        "{decisions:?}"
+    );
+    assert_eq!(decisions[0]["input"]["source"]["agent"], "planner");
+    let out = planner.decisions();
+    assert_eq!(
+        out[0]["input"]["source"]["spiffe_id"],
+        "spiffe://mesh.local/ns/default/agent/planner"
+    );
+
+    // No client certificate: the handshake completes, the call is refused with the reason.
+    let (s, v) = call_inbound(&control, writer.inbound, None).await.unwrap();
+    assert_eq!(s, 401, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no client certificate"),
+        "{v}"
+    );
+    // A certificate from another CA, an expired one: refused in the handshake, reason logged.
+    let planner_id = "spiffe://mesh.local/ns/default/agent/planner";
+    let foreign = client_cert(planner_id, None, now() - 60, now() + 3600);
+    assert!(call_inbound(&control, writer.inbound, Some(foreign))
+        .await
+        .is_err());
+    let ca_pem = std::fs::read_to_string(control.state_dir.join("ca.pem")).unwrap();
+    let ca_key = std::fs::read_to_string(control.state_dir.join("ca-key.pem")).unwrap();
+    let expired = client_cert(
+        planner_id,
+        Some((&ca_pem, &ca_key)),
+        now() - 7200,
+        now() - 3600,
+    );
+    assert!(call_inbound(&control, writer.inbound, Some(expired))
+        .await
+        .is_err());
+    // Signed by the mesh's CA but not an agent's identity: refused with the reason.
+    let odd = client_cert(
+        "spiffe://mesh.local/ns/default/sa/backup",
+        Some((&ca_pem, &ca_key)),
+        now() - 60,
+        now() + 3600,
+    );
+    let (s, v) = call_inbound(&control, writer.inbound, Some(odd))
+        .await
+        .unwrap();
+    assert_eq!(s, 401, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not an agent SPIFFE ID"),
+        "{v}"
+    );
+    wait_for(
+        "the refusals are logged with their reasons",
+        || {
+            let log = log_of(&wd);
+            log.contains("peer certificate refused")
+                && log.contains("UnknownIssuer")
+                && log.contains("certificate expired")
+                && log.contains("no client certificate")
+        },
+        || log_of(&wd),
+    )
+    .await;
+    // Plaintext to the mTLS port gets nowhere.
+    let plain = reqwest::get(format!("http://127.0.0.1:{}/healthz", writer.inbound)).await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_the_wrong_identity_for_the_name_is_refused() {
+    let dir = Scratch::new("mtls-wrong");
+    let llm = Fixture::mock_llm(&dir, &[]).await;
+    let conf = dir.path("mesh");
+    write(&conf.join("policy/authz.rego"), ALLOW);
+    write(&conf.join("mesh.yaml"), &mesh(""));
+    let control = Control::start(&conf).await;
+    // The editor's sidecar, listed as the writer's endpoint: it answers with the editor's SVID.
+    let ed = Scratch::new("mtls-editor");
+    let editor = sidecar(&ed, &control, "editor", Some(llm.port)).await;
+    write(
+        &conf.join("mesh.yaml"),
+        &mesh(&format!(
+            ", endpoints: [\"https://127.0.0.1:{}\"]",
+            editor.inbound
+        )),
+    );
+    let pd = Scratch::new("mtls-wrong-planner");
+    let planner = sidecar(&pd, &control, "planner", None).await;
+    planner
+        .wait_dump(|d| {
+            d["config"]["upstreams"]
+                .as_array()
+                .is_some_and(|u| u.iter().any(|u| u["name"] == "agents/writer"))
+        })
+        .await;
+    let (s, v) = get(&planner.url("/agents/writer/healthz")).await;
+    assert_eq!(s, 502, "{v}");
+    assert!(
+        editor.calls().is_empty(),
+        "nothing reached the impostor's agent"
+    );
+    wait_for(
+        "the planner logs why",
+        || {
+            let log = log_of(&pd);
+            log.contains("writer.default.agent.mesh.local") || log.contains("NotValidForName")
+        },
+        || log_of(&pd),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn svids_rotate_under_load_without_a_failed_call() {
+    let dir = Scratch::new("mtls-rotate");
+    let llm = Fixture::mock_llm(&dir, &[]).await;
+    let conf = dir.path("mesh");
+    write(&conf.join("policy/authz.rego"), ALLOW);
+    write(&conf.join("mesh.yaml"), &mesh(""));
+    let mut control = Control::start(&conf).await;
+    // Six-second SVIDs: renewed every three seconds.
+    control.kill();
+    let state = control.state_dir.clone();
+    control = Control::start_with(&conf, &state, &["--svid-ttl", "6s"]).await;
+    let (wd, pd) = (
+        Scratch::new("mtls-rot-writer"),
+        Scratch::new("mtls-rot-planner"),
+    );
+    let writer = sidecar(&wd, &control, "writer", Some(llm.port)).await;
+    let planner = sidecar(&pd, &control, "planner", None).await;
+    planner
+        .wait_dump(|d| {
+            d["config"]["upstreams"]
+                .as_array()
+                .is_some_and(|u| u.iter().any(|u| u["name"] == "agents/writer"))
+        })
+        .await;
+    let url = planner.url("/agents/writer/healthz");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        tokio::spawn(async move {
+            // A new connection now and then, so that handshakes with renewed SVIDs happen too.
+            let mut n = 0u64;
+            let mut client = reqwest::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                if n.is_multiple_of(20) {
+                    client = reqwest::Client::new();
+                }
+                match client.get(&url).send().await.map(|r| r.status().as_u16()) {
+                    Ok(200) => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let renewals = |d: &Value| d["identity"]["renewals"].as_u64().unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (p, w) = (planner.config_dump().await, writer.config_dump().await);
+        if renewals(&p) >= 2 && renewals(&w) >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SVIDs were not renewed: {} / {}",
+            p["identity"],
+            w["identity"]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "no call failed across rotations"
+    );
+    assert!(ok.load(Ordering::Relaxed) > 100);
+}

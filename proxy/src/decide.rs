@@ -17,6 +17,8 @@ pub const JSONRPC_POLICY_DENIED: i64 = -32003;
 pub struct CallFacts<'a> {
     pub agent: &'a str,
     pub spiffe_id: Option<&'a str>,
+    /// The end user, from a validated JWT.
+    pub user: Option<&'a crate::jwt::User>,
     /// Destination name without its kind (`openai` for `llm/openai`).
     pub destination: &'a str,
     /// The path as the agent sent it, mesh prefix included.
@@ -46,7 +48,10 @@ pub fn inputs(rec: &CallRecord, facts: &CallFacts) -> Vec<Input> {
             agent: facts.agent.to_string(),
             spiffe_id: facts.spiffe_id.map(str::to_string),
         },
-        user: None,
+        user: facts.user.map(|u| input::User {
+            sub: u.sub.clone(),
+            claims: u.claims.clone(),
+        }),
         destination: input::Destination {
             kind: rec.kind.as_str().into(),
             name: facts.destination.to_string(),
@@ -317,6 +322,7 @@ mod tests {
         CallFacts {
             agent: "planner",
             spiffe_id: None,
+            user: None,
             destination: "x",
             path,
             headers,

@@ -13,6 +13,7 @@ pub mod cost;
 pub mod decide;
 pub mod decisionlog;
 pub mod identity;
+pub mod jwt;
 pub mod linesink;
 pub mod logging;
 pub mod metrics;

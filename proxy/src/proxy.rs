@@ -16,6 +16,7 @@ use crate::config::CallKind;
 use crate::decide::{self, CallFacts, PolicyCounters, Verdict};
 use crate::decisionlog::{DecisionLog, Entry};
 use crate::identity::{Identity, Peer};
+use crate::jwt::{self, JwtError};
 use crate::metrics::Metrics;
 use crate::record::{CallRecord, Direction, PolicyResult};
 use crate::reject::Rejection;
@@ -81,6 +82,8 @@ pub struct CallCtx {
     span: Option<CallSpan>,
     /// Inbound over mTLS: the calling peer, from its verified certificate.
     peer: Option<AgentId>,
+    /// The end user, from a validated JWT.
+    user: Option<jwt::User>,
 }
 
 impl CallCtx {
@@ -121,6 +124,30 @@ impl MeshProxy {
         };
         tracing::warn!(reason = %why, "inbound call refused");
         Err(Rejection::new(401, "unauthenticated_peer", why))
+    }
+
+    /// identify, the end user: a Bearer JWT validated against the configured issuers, its
+    /// claims kept for `input.user`; an invalid token (or none, when required) is a 401 with
+    /// the reason.
+    async fn identify_user(
+        &self,
+        session: &Session,
+        snap: &Snapshot,
+        ctx: &mut CallCtx,
+    ) -> Result<(), Rejection> {
+        let Some(v) = &snap.jwt else {
+            return Ok(());
+        };
+        let refuse = |e: JwtError| {
+            tracing::warn!(reason = %e, "end-user token refused");
+            Rejection::new(401, "invalid_token", e.to_string())
+        };
+        match jwt::bearer_jwt(&session.req_header().headers) {
+            Some(token) => ctx.user = Some(v.validate(token).await.map_err(refuse)?),
+            None if v.required() => return Err(refuse(JwtError::Missing)),
+            None => {}
+        }
+        Ok(())
     }
 
     /// Sends a rejection straight to the caller; the call ends in this phase.
@@ -271,6 +298,7 @@ impl MeshProxy {
         let facts = CallFacts {
             agent,
             spiffe_id,
+            user: ctx.user.as_ref(),
             destination,
             path: req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
             headers: &req.headers,
@@ -431,6 +459,7 @@ impl ProxyHttp for MeshProxy {
             breaker_noted: false,
             span: None,
             peer: None,
+            user: None,
         }
     }
 
@@ -441,6 +470,9 @@ impl ProxyHttp for MeshProxy {
         let snap = self.store.snapshot();
         ctx.limit = snap.config.limits.max_inspect_body_bytes;
         if let Err(rej) = self.select(session, &snap, ctx) {
+            return self.respond(session, ctx, rej).await;
+        }
+        if let Err(rej) = self.identify_user(session, &snap, ctx).await {
             return self.respond(session, ctx, rej).await;
         }
         let kind = ctx.kind().unwrap_or(CallKind::Http);
@@ -581,6 +613,11 @@ impl ProxyHttp for MeshProxy {
                 .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "rewriting path", e))?;
             req.set_uri(uri);
             req.insert_header("host", ep.authority.as_str())?;
+            // No token passthrough: the user's token is for this sidecar, not for whatever the
+            // agent calls.
+            if ctx.user.is_some() {
+                req.remove_header("authorization");
+            }
         }
         for (name, value) in &ctx.decision_headers {
             req.insert_header(name.clone(), value.as_str())?;

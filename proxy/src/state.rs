@@ -5,6 +5,7 @@
 
 use crate::config::{Config, ConfigError, UpstreamConfig};
 use crate::cost::PriceTable;
+use crate::jwt::Validator;
 use crate::pushed::Pushed;
 use crate::route::UpstreamState;
 use agentmesh_policy::{Policy, PolicyError};
@@ -21,6 +22,8 @@ pub struct Desired {
     pub config: Config,
     pub policy: Option<Arc<Policy>>,
     pub prices: Arc<PriceTable>,
+    /// The end-user token validator, when `jwt` is configured.
+    pub jwt: Option<Arc<Validator>>,
 }
 
 /// Why a config or its policy could not be loaded.
@@ -28,6 +31,8 @@ pub struct Desired {
 pub enum LoadError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("jwt: {0}")]
+    Jwt(String),
     #[error("pricing.file {path}: {message}")]
     Prices { path: String, message: String },
     #[error("control server version {version}: {message}")]
@@ -128,10 +133,15 @@ impl Desired {
                 message,
             })?,
         };
+        let jwt = match &config.jwt {
+            Some(j) => Some(Arc::new(Validator::new(j.clone()).map_err(LoadError::Jwt)?)),
+            None => None,
+        };
         Ok(Desired {
             config,
             policy,
             prices: Arc::new(prices),
+            jwt,
         })
     }
 
@@ -151,6 +161,7 @@ pub struct Snapshot {
     /// The compiled policy; `None` denies every call.
     pub policy: Option<Arc<Policy>>,
     pub prices: Arc<PriceTable>,
+    pub jwt: Option<Arc<Validator>>,
     pub version: u64,
     pub upstreams: HashMap<String, Arc<UpstreamState>>,
     /// Names balanced over several upstreams, and where each one's rotation is.
@@ -381,6 +392,7 @@ fn build(desired: Desired, version: u64, old: Option<&Snapshot>) -> Snapshot {
         config,
         policy,
         prices,
+        jwt,
     } = desired;
     let keep = |c: &UpstreamConfig, prev: Option<&Arc<UpstreamState>>| match prev {
         Some(p) if p.config == *c => p.clone(),
@@ -432,6 +444,7 @@ fn build(desired: Desired, version: u64, old: Option<&Snapshot>) -> Snapshot {
         config,
         policy,
         prices,
+        jwt,
         version,
         upstreams,
         routes,

@@ -3,6 +3,7 @@
 //! harness values that own them.
 
 pub mod control;
+pub mod echo;
 pub mod otlp;
 
 use std::io::Write;

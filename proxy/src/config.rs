@@ -74,6 +74,23 @@ pub struct Config {
     /// End-user JWTs: the issuers trusted for `Authorization: Bearer` tokens (docs/identity.md).
     #[serde(default)]
     pub jwt: Option<JwtConfig>,
+    /// Credentials the sidecar holds for its agent, by name, for upstreams' `credential`
+    /// (docs/identity.md). Values are read at load and never shown.
+    #[serde(default)]
+    pub credentials: Vec<CredentialSource>,
+}
+
+/// Where a held credential's value is read from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialSource {
+    pub name: String,
+    /// An environment variable of the sidecar ...
+    #[serde(default)]
+    pub env: Option<String>,
+    /// ... or a file (relative to the config file; surrounding whitespace trimmed).
+    #[serde(default)]
+    pub file: Option<PathBuf>,
 }
 
 /// Which end-user tokens are accepted.
@@ -413,22 +430,43 @@ impl Config {
         let mut config = Config::from_yaml(&text, &file)?;
         // Relative paths are relative to the config file, wherever the sidecar starts.
         if let Some(dir) = path.parent() {
+            let agent = config.agent.name.clone();
             if let Some(c) = config.control.as_mut() {
-                let agent = &config.agent.name;
                 c.persist_file.get_or_insert_with(|| {
                     PathBuf::from(format!(".agentmesh/{agent}.last-good.pb"))
                 });
             }
-            for p in [
+            if let Some(i) = config.identity.as_mut() {
+                i.dir
+                    .get_or_insert_with(|| PathBuf::from(format!(".agentmesh/{agent}-identity")));
+            }
+            let identity = config.identity.as_mut().map(|i| {
+                [
+                    Some(&mut i.ca_file),
+                    i.join_token_file.as_mut(),
+                    i.dir.as_mut(),
+                ]
+            });
+            let issuers = config
+                .jwt
+                .iter_mut()
+                .flat_map(|j| j.issuers.iter_mut())
+                .flat_map(|i| [i.jwks_file.as_mut(), i.ca_file.as_mut()]);
+            let credentials = config.credentials.iter_mut().map(|c| c.file.as_mut());
+            let fixed = [
                 config.policy.path.as_mut(),
                 config.pricing.file.as_mut(),
                 config
                     .control
                     .as_mut()
                     .and_then(|c| c.persist_file.as_mut()),
-            ]
-            .into_iter()
-            .flatten()
+            ];
+            for p in fixed
+                .into_iter()
+                .chain(identity.into_iter().flatten())
+                .chain(issuers)
+                .chain(credentials)
+                .flatten()
             {
                 if p.is_relative() {
                     *p = dir.join(&*p);
@@ -572,6 +610,28 @@ impl Config {
                 ))
             }
             _ => {}
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, c) in self.credentials.iter().enumerate() {
+            let at = |f: &str| format!("credentials[{i}].{f}");
+            if !is_dns_label(&c.name) {
+                return Err(invalid(
+                    at("name"),
+                    format!("`{}` is not a valid name", c.name),
+                ));
+            }
+            if !names.insert(c.name.as_str()) {
+                return Err(invalid(
+                    at("name"),
+                    format!("`{}` is declared twice", c.name),
+                ));
+            }
+            if c.env.is_some() == c.file.is_some() {
+                return Err(invalid(
+                    at("env"),
+                    "set exactly one of `env` and `file`".into(),
+                ));
+            }
         }
         if let Some(j) = &self.jwt {
             for (i, iss) in j.issuers.iter().enumerate() {
@@ -781,6 +841,29 @@ mod tests {
             "agent: {name: p}\nroutes: [{name: agents/by-skill/x, upstreams: [agents/nobody]}]\n";
         let e = Config::from_yaml(bad, "c.yaml").unwrap_err().to_string();
         assert!(e.contains("field `routes[0].upstreams[0]`"), "{e}");
+    }
+
+    #[test]
+    fn every_relative_path_is_relative_to_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("am-rel-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("s.yaml");
+        std::fs::write(
+            &file,
+            "agent: {name: p}\nidentity: {ca_server: \"https://h:1\", ca_file: ca.pem, join_token_file: tok}\njwt: {issuers: [{issuer: i, jwks_file: keys.json, ca_file: idp.pem}]}\ncredentials: [{name: k, file: k.txt}, {name: e, env: E}]\n",
+        )
+        .unwrap();
+        let c = Config::load(&file).unwrap();
+        let id = c.identity.unwrap();
+        assert_eq!(id.ca_file, dir.join("ca.pem"));
+        assert_eq!(id.join_token_file, Some(dir.join("tok")));
+        assert_eq!(id.dir, Some(dir.join(".agentmesh/p-identity")));
+        let iss = &c.jwt.unwrap().issuers[0];
+        assert_eq!(iss.jwks_file, Some(dir.join("keys.json")));
+        assert_eq!(iss.ca_file, Some(dir.join("idp.pem")));
+        assert_eq!(c.credentials[0].file, Some(dir.join("k.txt")));
+        assert_eq!(c.credentials[1].file, None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

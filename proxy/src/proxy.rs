@@ -613,10 +613,21 @@ impl ProxyHttp for MeshProxy {
                 .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "rewriting path", e))?;
             req.set_uri(uri);
             req.insert_header("host", ep.authority.as_str())?;
-            // No token passthrough: the user's token is for this sidecar, not for whatever the
-            // agent calls.
-            if ctx.user.is_some() {
-                req.remove_header("authorization");
+            // The agent holds no credentials: whatever it sent (a dummy provider key, the
+            // user's token) stays here, and the sidecar's own credential goes out instead.
+            for h in agentmesh_policy::input::CREDENTIAL_HEADERS {
+                req.remove_header(h);
+            }
+            if let Some(c) = &up.config.credential {
+                let secret = self
+                    .store
+                    .snapshot()
+                    .secrets
+                    .get(&c.secret)
+                    .map(str::to_string);
+                if let Some((name, value)) = secret.and_then(|v| up.config.credential_header(&v)) {
+                    req.insert_header(name, value)?;
+                }
             }
         }
         for (name, value) in &ctx.decision_headers {

@@ -111,6 +111,20 @@ impl Pushed {
         Ok(policy)
     }
 
+    /// The pushed secrets, name and value (for the sidecar's held credentials only).
+    pub fn secrets(&self) -> Vec<(String, String)> {
+        self.resources
+            .values()
+            .filter_map(|r| match &r.kind {
+                Some(Kind::Secret(s)) => Some((
+                    s.name.clone(),
+                    String::from_utf8_lossy(&s.value).trim().to_string(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Names of the pushed secrets (their values never leave this module's holder).
     pub fn secret_names(&self) -> Vec<&str> {
         self.resources

@@ -24,6 +24,65 @@ pub struct Desired {
     pub prices: Arc<PriceTable>,
     /// The end-user token validator, when `jwt` is configured.
     pub jwt: Option<Arc<Validator>>,
+    /// Held credentials by name: the file's `credentials` and the control server's secrets.
+    pub secrets: Arc<Secrets>,
+}
+
+/// Credential values by name. Never printed: `Debug` shows names only.
+#[derive(Default, PartialEq)]
+pub struct Secrets(HashMap<String, String>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
+}
+
+impl Secrets {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+
+    /// Reads the file's credentials, then adds the pushed secrets (which win on a name clash:
+    /// the control server is the authority).
+    fn load(config: &Config, pushed: Option<&Pushed>) -> Result<Secrets, LoadError> {
+        let mut out = HashMap::new();
+        for c in &config.credentials {
+            let value = match (&c.env, &c.file) {
+                (Some(v), _) => std::env::var(v).map_err(|_| LoadError::Credential {
+                    name: c.name.clone(),
+                    message: format!("environment variable `{v}` is not set"),
+                })?,
+                (None, Some(f)) => std::fs::read_to_string(f)
+                    .map_err(|e| LoadError::Credential {
+                        name: c.name.clone(),
+                        message: format!("cannot read {}: {e}", f.display()),
+                    })?
+                    .trim()
+                    .to_string(),
+                (None, None) => continue,
+            };
+            out.insert(c.name.clone(), value);
+        }
+        for (name, value) in pushed.map(|p| p.secrets()).unwrap_or_default() {
+            out.insert(name, value);
+        }
+        let secrets = Secrets(out);
+        for u in &config.upstreams {
+            if let Some(c) = &u.credential {
+                if secrets.get(&c.secret).is_none() {
+                    return Err(LoadError::Credential {
+                        name: c.secret.clone(),
+                        message: format!(
+                            "upstream `{}` names it, but no credential or pushed secret has that name",
+                            u.name
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(secrets)
+    }
 }
 
 /// Why a config or its policy could not be loaded.
@@ -33,6 +92,8 @@ pub enum LoadError {
     Config(#[from] ConfigError),
     #[error("jwt: {0}")]
     Jwt(String),
+    #[error("credential `{name}`: {message}")]
+    Credential { name: String, message: String },
     #[error("pricing.file {path}: {message}")]
     Prices { path: String, message: String },
     #[error("control server version {version}: {message}")]
@@ -133,6 +194,7 @@ impl Desired {
                 message,
             })?,
         };
+        let secrets = Arc::new(Secrets::load(&config, pushed)?);
         let jwt = match &config.jwt {
             Some(j) => Some(Arc::new(Validator::new(j.clone()).map_err(LoadError::Jwt)?)),
             None => None,
@@ -142,12 +204,14 @@ impl Desired {
             policy,
             prices: Arc::new(prices),
             jwt,
+            secrets,
         })
     }
 
     /// Whether installing this would change nothing.
     pub fn same_as(&self, snap: &Snapshot) -> bool {
         self.config == snap.config
+            && self.secrets == snap.secrets
             && self.prices == snap.prices
             && self.policy.as_ref().map(|p| p.revision())
                 == snap.policy.as_ref().map(|p| p.revision())
@@ -162,6 +226,7 @@ pub struct Snapshot {
     pub policy: Option<Arc<Policy>>,
     pub prices: Arc<PriceTable>,
     pub jwt: Option<Arc<Validator>>,
+    pub secrets: Arc<Secrets>,
     pub version: u64,
     pub upstreams: HashMap<String, Arc<UpstreamState>>,
     /// Names balanced over several upstreams, and where each one's rotation is.
@@ -393,6 +458,7 @@ fn build(desired: Desired, version: u64, old: Option<&Snapshot>) -> Snapshot {
         policy,
         prices,
         jwt,
+        secrets,
     } = desired;
     let keep = |c: &UpstreamConfig, prev: Option<&Arc<UpstreamState>>| match prev {
         Some(p) if p.config == *c => p.clone(),
@@ -425,6 +491,7 @@ fn build(desired: Desired, version: u64, old: Option<&Snapshot>) -> Snapshot {
             tls: Default::default(),
             http2: false,
             fail_open: config.inbound.fail_open,
+            credential: None,
         };
         keep(&c, old.and_then(|o| o.inbound.as_ref()))
     });
@@ -445,6 +512,7 @@ fn build(desired: Desired, version: u64, old: Option<&Snapshot>) -> Snapshot {
         policy,
         prices,
         jwt,
+        secrets,
         version,
         upstreams,
         routes,

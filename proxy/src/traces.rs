@@ -57,7 +57,17 @@ struct Inner {
     capture_content: bool,
     /// Runs the gRPC exporter's connection (tonic needs a tokio runtime of its own here: the
     /// batch processor calls the exporter from its own thread).
-    _rt: tokio::runtime::Runtime,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Inner {
+    /// The sidecar drops its telemetry from inside a runtime at shutdown, where a runtime may
+    /// not be dropped in place (tokio panics): let it wind down in the background.
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// A call's span while it is in flight.
@@ -231,7 +241,7 @@ impl Traces {
                 _provider: provider,
                 tracer,
                 capture_content: cfg.capture_content,
-                _rt: rt,
+                rt: Some(rt),
             }),
             counters,
         })

@@ -69,6 +69,11 @@ pub fn spawn_with_env(name: &str, args: &[&str], env: &[(&str, &str)], log: &Pat
 
 /// Polls `url` until it answers 2xx.
 pub async fn wait_ok(url: &str) {
+    wait_ok_or(url, None).await
+}
+
+/// `wait_ok`, showing `log` (the process's output) if it never comes up.
+pub async fn wait_ok_or(url: &str, log: Option<&Path>) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(r) = reqwest::get(url).await {
@@ -76,7 +81,12 @@ pub async fn wait_ok(url: &str) {
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "{url} did not come up");
+        assert!(
+            Instant::now() < deadline,
+            "{url} did not come up{}",
+            log.map(|l| format!(": {}", std::fs::read_to_string(l).unwrap_or_default()))
+                .unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -260,7 +270,11 @@ impl Sidecar {
             env,
             &dir.path("sidecar.log"),
         );
-        wait_ok(&format!("http://127.0.0.1:{admin}/readyz")).await;
+        wait_ok_or(
+            &format!("http://127.0.0.1:{admin}/readyz"),
+            Some(&dir.path("sidecar.log")),
+        )
+        .await;
         Sidecar {
             outbound,
             admin,

@@ -78,6 +78,49 @@ pub struct UpstreamConfig {
     /// deny is always enforced; this covers only errors.
     #[serde(default)]
     pub fail_open: bool,
+    /// The credential the sidecar injects on the way out (the agent never holds it; any key
+    /// the agent sends is stripped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<CredentialRef>,
+}
+
+/// A held credential, by name, and how it is sent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialRef {
+    /// The secret's name (the sidecar's `credentials`, or a secret pushed by the control
+    /// server).
+    pub secret: String,
+    /// The header it goes in; default `x-api-key` for Anthropic, `authorization` otherwise.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// How the value is written, `{}` standing for the secret; default `Bearer {}` in
+    /// `authorization`, `{}` elsewhere.
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+impl UpstreamConfig {
+    /// The header and the text (the secret in place of `{}`) a credential is sent as.
+    pub fn credential_header(&self, secret: &str) -> Option<(String, String)> {
+        let c = self.credential.as_ref()?;
+        let header = c.header.clone().unwrap_or_else(|| {
+            match self.llm_api() {
+                Some(LlmApi::Anthropic) => "x-api-key",
+                _ => "authorization",
+            }
+            .to_string()
+        });
+        let format = c.format.clone().unwrap_or_else(|| {
+            if header.eq_ignore_ascii_case("authorization") {
+                "Bearer {}"
+            } else {
+                "{}"
+            }
+            .to_string()
+        });
+        Some((header, format.replace("{}", secret)))
+    }
 }
 
 fn default_true() -> bool {
@@ -336,6 +379,27 @@ impl UpstreamConfig {
                 "only `llm/*` upstreams take an `api`".into(),
             ));
         }
+        if let Some(c) = &self.credential {
+            if c.secret.is_empty() {
+                return Err(invalid("credential.secret", "must name a secret".into()));
+            }
+            if let Some(h) = &c.header {
+                if http_header_name(h).is_none() {
+                    return Err(invalid(
+                        "credential.header",
+                        format!("`{h}` is not a header name"),
+                    ));
+                }
+            }
+            if let Some(f) = &c.format {
+                if !f.contains("{}") {
+                    return Err(invalid(
+                        "credential.format",
+                        "must contain `{}` where the secret goes".into(),
+                    ));
+                }
+            }
+        }
         if let Some(Err(m)) = self.tls.ca_certs() {
             let field = if self.tls.ca_file.is_some() {
                 "tls.ca_file"
@@ -346,6 +410,14 @@ impl UpstreamConfig {
         }
         Ok(())
     }
+}
+
+/// A lowercase header name of token characters, or `None`.
+fn http_header_name(h: &str) -> Option<String> {
+    let ok = !h.is_empty()
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    ok.then(|| h.to_ascii_lowercase())
 }
 
 fn ms(d: Duration) -> Option<u64> {
@@ -375,6 +447,21 @@ impl UpstreamConfig {
             tls_sni: self.tls.sni.clone().unwrap_or_default(),
             http2: Some(self.http2),
             fail_open: self.fail_open,
+            credential_secret: self
+                .credential
+                .as_ref()
+                .map(|c| c.secret.clone())
+                .unwrap_or_default(),
+            credential_header: self
+                .credential
+                .as_ref()
+                .and_then(|c| c.header.clone())
+                .unwrap_or_default(),
+            credential_format: self
+                .credential
+                .as_ref()
+                .and_then(|c| c.format.clone())
+                .unwrap_or_default(),
         })
     }
 
@@ -420,6 +507,11 @@ impl UpstreamConfig {
             },
             http2: w.http2.unwrap_or(true),
             fail_open: w.fail_open,
+            credential: non_empty(&w.credential_secret).map(|secret| CredentialRef {
+                secret,
+                header: non_empty(&w.credential_header),
+                format: non_empty(&w.credential_format),
+            }),
         };
         c.validate()?;
         Ok(c)
@@ -451,6 +543,8 @@ mod tests {
             "{name: llm/openai, endpoints: [\"https://api.openai.com\"]}",
             "{name: mcp/tools, endpoints: [\"http://127.0.0.1:9\", \"http://127.0.0.1:10/x\"], timeouts: {connect: 1s, read: 3s, idle: 5s}, retries: {attempts: 0}, circuit_breaker: {consecutive_failures: 0, cool_down: 2s}, http2: false, fail_open: true, tls: {sni: tools.example}}",
             "{name: llm/local, api: anthropic, endpoints: [\"http://127.0.0.1:9\"]}",
+            "{name: llm/openai, endpoints: [\"https://x\"], credential: {secret: openai-key}}",
+            "{name: http/api, endpoints: [\"https://x\"], credential: {secret: k, header: x-token, format: \"Token {}\"}}",
         ] {
             let c = upstream(yaml);
             let back = UpstreamConfig::from_wire(&c.to_wire().unwrap()).unwrap();

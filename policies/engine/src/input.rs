@@ -133,10 +133,11 @@ pub struct Budget {
 }
 
 /// Headers that carry credentials; they never enter the input document.
-pub const CREDENTIAL_HEADERS: [&str; 4] = [
+pub const CREDENTIAL_HEADERS: [&str; 5] = [
     "authorization",
     "proxy-authorization",
     "x-api-key",
+    "api-key",
     "cookie",
 ];
 

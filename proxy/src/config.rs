@@ -2,6 +2,7 @@
 //! control plane later (issue 'Control server'). Loading validates everything up front, and every
 //! error names the file, the line and the field, so an operator can fix it without guessing.
 
+pub use agentmesh_control_api::jwt::{JwtConfig, JwtIssuer};
 pub use agentmesh_control_api::upstream::{
     is_dns_label, read_pem_certs, split_name, CallKind, CircuitBreakerConfig, Endpoint, LlmApi,
     Retries, Timeouts, TlsConfig, UpstreamConfig,
@@ -93,54 +94,6 @@ pub struct CredentialSource {
     pub file: Option<PathBuf>,
 }
 
-/// Which end-user tokens are accepted.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct JwtConfig {
-    pub issuers: Vec<JwtIssuer>,
-    /// Clock skew allowed on `exp` and `nbf`.
-    #[serde(default = "default_leeway", with = "humantime_serde")]
-    pub leeway: Duration,
-    /// Refuse calls that carry no token (default: a token is validated when present).
-    #[serde(default)]
-    pub required: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct JwtIssuer {
-    /// The `iss` value.
-    pub issuer: String,
-    /// Where its keys are (fetched, cached 10 min, refreshed on an unknown `kid`) ...
-    #[serde(default)]
-    pub jwks_uri: Option<String>,
-    /// ... or a JWKS file (relative to the config file).
-    #[serde(default)]
-    pub jwks_file: Option<PathBuf>,
-    /// Accepted `aud` values; empty: `aud` is not checked.
-    #[serde(default)]
-    pub audiences: Vec<String>,
-    /// The allow-list; asymmetric algorithms only.
-    #[serde(default = "default_algorithms")]
-    pub algorithms: Vec<String>,
-    /// CA certificates for the JWKS endpoint, instead of the system roots.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-}
-
-fn default_leeway() -> Duration {
-    Duration::from_secs(30)
-}
-
-fn default_algorithms() -> Vec<String> {
-    vec!["RS256".into(), "ES256".into(), "EdDSA".into()]
-}
-
-/// Algorithms an issuer may be allowed: asymmetric ones (an HMAC key shared with every sidecar
-/// would let any of them mint tokens, and invites RS/HS confusion).
-const ASYMMETRIC: &[&str] = &[
-    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
-];
 /// Where the sidecar's X.509-SVID comes from.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -162,10 +115,18 @@ pub struct IdentityConfig {
     pub dir: Option<PathBuf>,
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
+    /// Exchange the caller's token for one narrowed to each peer agent or tool (RFC 8693)
+    /// before the call (default on).
+    #[serde(default = "default_true")]
+    pub token_exchange: bool,
 }
 
 fn default_token_env() -> String {
     "AGENTMESH_JOIN_TOKEN".into()
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_trust_domain() -> String {
@@ -634,31 +595,8 @@ impl Config {
             }
         }
         if let Some(j) = &self.jwt {
-            for (i, iss) in j.issuers.iter().enumerate() {
-                let at = |f: &str| format!("jwt.issuers[{i}].{f}");
-                if iss.issuer.is_empty() {
-                    return Err(invalid(at("issuer"), "must not be empty".into()));
-                }
-                if iss.jwks_uri.is_some() == iss.jwks_file.is_some() {
-                    return Err(invalid(
-                        at("jwks_uri"),
-                        "set exactly one of `jwks_uri` and `jwks_file`".into(),
-                    ));
-                }
-                if let Some(u) = &iss.jwks_uri {
-                    if !u.starts_with("https://") && !u.starts_with("http://") {
-                        return Err(invalid(at("jwks_uri"), format!("`{u}` is not a URL")));
-                    }
-                }
-                for (k, a) in iss.algorithms.iter().enumerate() {
-                    if !ASYMMETRIC.contains(&a.as_str()) {
-                        return Err(invalid(
-                            at(&format!("algorithms[{k}]")),
-                            format!("`{a}` is not allowed: use one of {}", ASYMMETRIC.join(", ")),
-                        ));
-                    }
-                }
-            }
+            j.validate()
+                .map_err(|e| invalid(format!("jwt.{}", e.field), e.message))?;
         }
         if let Some(i) = &self.identity {
             if !i.ca_server.starts_with("https://") || i.ca_server.parse::<http::Uri>().is_err() {

@@ -142,6 +142,9 @@ pub struct Identity {
     current: ArcSwapOption<Svid>,
     status: Mutex<IdentityStatus>,
     http: reqwest::Client,
+    /// A client of the control server's API that presents the current SVID, made again when
+    /// the SVID changes (keyed by its expiry).
+    mtls: Mutex<Option<(u64, reqwest::Client)>>,
 }
 
 impl std::fmt::Debug for Identity {
@@ -188,6 +191,7 @@ impl Identity {
             id,
             current: ArcSwapOption::empty(),
             http,
+            mtls: Mutex::new(None),
         });
         match me.restore() {
             Ok(Some(svid)) if svid.not_after_unix > unix_now() + 60 => {
@@ -270,6 +274,40 @@ impl Identity {
         })
     }
 
+    /// The control server's URL (its CA, token exchange and JWKS).
+    pub fn server(&self) -> &str {
+        self.config.ca_server.trim_end_matches('/')
+    }
+
+    /// A client of the control server that authenticates with the current SVID.
+    pub fn mtls_client(&self) -> Result<reqwest::Client, String> {
+        let svid = self.current().ok_or("this sidecar has no SVID yet")?;
+        let mut held = self.mtls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((key, client)) = held.as_ref() {
+            if *key == svid.not_after_unix {
+                return Ok(client.clone());
+            }
+        }
+        let pem = format!("{}{}", svid.cert_pem, svid.key_pem);
+        let identity = reqwest::Identity::from_pem(pem.as_bytes()).map_err(|e| e.to_string())?;
+        let roots = [
+            svid.bundle_pem.clone().into_bytes(),
+            std::fs::read(&self.config.ca_file).map_err(|e| e.to_string())?,
+        ];
+        let mut b = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .identity(identity)
+            .timeout(Duration::from_secs(10));
+        for pem in roots {
+            b = b.add_root_certificate(
+                reqwest::Certificate::from_pem(&pem).map_err(|e| e.to_string())?,
+            );
+        }
+        let client = b.build().map_err(|e| e.to_string())?;
+        *held = Some((svid.not_after_unix, client.clone()));
+        Ok(client)
+    }
+
     /// Asks the CA for a new SVID: a fresh key, a CSR, and the credential (the current SVID, or
     /// the join token the first time).
     pub async fn renew(&self) -> Result<(), String> {
@@ -288,34 +326,13 @@ impl Identity {
             .map_err(|e| e.to_string())?;
         let current = self.current();
         let (client, body) = match &current {
-            Some(svid) => {
-                let pem = format!("{}{}", svid.cert_pem, svid.key_pem);
-                let identity =
-                    reqwest::Identity::from_pem(pem.as_bytes()).map_err(|e| e.to_string())?;
-                let ca = svid.bundle_pem.as_bytes();
-                let client = reqwest::Client::builder()
-                    .add_root_certificate(
-                        reqwest::Certificate::from_pem(ca).map_err(|e| e.to_string())?,
-                    )
-                    .add_root_certificate(
-                        reqwest::Certificate::from_pem(
-                            &std::fs::read(&self.config.ca_file).map_err(|e| e.to_string())?,
-                        )
-                        .map_err(|e| e.to_string())?,
-                    )
-                    .tls_built_in_root_certs(false)
-                    .identity(identity)
-                    .timeout(Duration::from_secs(10))
-                    .build()
-                    .map_err(|e| e.to_string())?;
-                (client, serde_json::json!({"csr": csr}))
-            }
+            Some(_) => (self.mtls_client()?, serde_json::json!({"csr": csr})),
             None => (
                 self.http.clone(),
                 serde_json::json!({"csr": csr, "join_token": self.join_token()?}),
             ),
         };
-        let url = format!("{}/v1/svid", self.config.ca_server.trim_end_matches('/'));
+        let url = format!("{}/v1/svid", self.server());
         let r = client
             .post(&url)
             .json(&body)

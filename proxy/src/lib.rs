@@ -12,8 +12,8 @@ pub mod config;
 pub mod cost;
 pub mod decide;
 pub mod decisionlog;
+pub mod exchange;
 pub mod identity;
-pub mod jwt;
 pub mod linesink;
 pub mod logging;
 pub mod metrics;
@@ -30,3 +30,6 @@ pub mod tap;
 pub mod traces;
 pub mod usage;
 pub mod xds;
+
+/// End-user and exchanged JWTs: the validator shared with the control server.
+pub use agentmesh_control_api::jwt;

@@ -15,6 +15,7 @@ use crate::classify::{classify, ClassifyError, Destination};
 use crate::config::CallKind;
 use crate::decide::{self, CallFacts, PolicyCounters, Verdict};
 use crate::decisionlog::{DecisionLog, Entry};
+use crate::exchange::Exchanger;
 use crate::identity::{Identity, Peer};
 use crate::jwt::{self, JwtError};
 use crate::metrics::Metrics;
@@ -50,6 +51,8 @@ pub struct MeshProxy {
     pub spend: Arc<Spend>,
     /// The sidecar's SPIFFE identity; with it, calls to peers are mTLS.
     pub identity: Option<Arc<Identity>>,
+    /// Exchanges the caller's token before calls to peers and tools.
+    pub exchanger: Option<Arc<Exchanger>>,
 }
 
 /// Largest body read before connecting upstream: pingora replays a body it has read only from its
@@ -84,6 +87,8 @@ pub struct CallCtx {
     peer: Option<AgentId>,
     /// The end user, from a validated JWT.
     user: Option<jwt::User>,
+    /// That JWT, to exchange on the way out.
+    user_token: Option<String>,
 }
 
 impl CallCtx {
@@ -143,7 +148,10 @@ impl MeshProxy {
             Rejection::new(401, "invalid_token", e.to_string())
         };
         match jwt::bearer_jwt(&session.req_header().headers) {
-            Some(token) => ctx.user = Some(v.validate(token).await.map_err(refuse)?),
+            Some(token) => {
+                ctx.user = Some(v.validate(token).await.map_err(refuse)?);
+                ctx.user_token = Some(token.to_string());
+            }
             None if v.required() => return Err(refuse(JwtError::Missing)),
             None => {}
         }
@@ -460,6 +468,7 @@ impl ProxyHttp for MeshProxy {
             span: None,
             peer: None,
             user: None,
+            user_token: None,
         }
     }
 
@@ -627,6 +636,41 @@ impl ProxyHttp for MeshProxy {
                     .map(str::to_string);
                 if let Some((name, value)) = secret.and_then(|v| up.config.credential_header(&v)) {
                     req.insert_header(name, value)?;
+                }
+            }
+            // To a peer agent or a tool: the caller's token, exchanged for one for that
+            // destination alone.
+            let kind = up.config.kind();
+            if let (Some(ex), Some(subject), Some(CallKind::A2a | CallKind::Mcp)) =
+                (&self.exchanger, &ctx.user_token, kind)
+            {
+                let audience = match kind {
+                    Some(CallKind::A2a) => {
+                        let name = up.config.short_name();
+                        let td = self.identity.as_ref().map(|i| i.id.trust_domain.clone());
+                        AgentId::new(
+                            td.as_deref()
+                                .unwrap_or(agentmesh_control_api::identity::TRUST_DOMAIN),
+                            &self.store.namespace_of(name),
+                            name,
+                        )
+                        .spiffe_id()
+                    }
+                    _ => up.config.name.clone(),
+                };
+                match ex.token(subject, &audience).await {
+                    Ok(t) => req.insert_header("authorization", format!("Bearer {t}"))?,
+                    Err(e) => {
+                        tracing::warn!(%audience, error = %e, "token exchange failed");
+                        ctx.rejection = Some(Rejection::new(
+                            403,
+                            "token_exchange_failed",
+                            format!(
+                                "the caller's token could not be exchanged for {audience}: {e}"
+                            ),
+                        ));
+                        return Err(Error::explain(ErrorType::HTTPStatus(403), "token exchange"));
+                    }
                 }
             }
         }

@@ -6,6 +6,7 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::decide::PolicyCounters;
 use crate::decisionlog::DecisionLog;
+use crate::exchange::Exchanger;
 use crate::identity::{Identity, PeerIdentity, PeerVerifier, Renewer, ServerCert};
 use crate::metrics::Metrics;
 use crate::proxy::MeshProxy;
@@ -106,6 +107,10 @@ pub fn build(
         ),
         None => None,
     };
+    let exchanger = match (&identity, &config.identity) {
+        (Some(id), Some(c)) if c.token_exchange => Some(Arc::new(Exchanger::new(id.clone()))),
+        _ => None,
+    };
     let store = Store::new(
         desired,
         bootstrap,
@@ -137,6 +142,7 @@ pub fn build(
         tap: tap.clone(),
         spend: spend.clone(),
         identity: identity.clone(),
+        exchanger: exchanger.clone(),
     };
     let mut outbound = ProxyServiceBuilder::new(&conf, proxy(Direction::Outbound))
         .name("outbound")

@@ -28,6 +28,46 @@ pub struct Desired {
     pub secrets: Arc<Secrets>,
 }
 
+/// The tokens this sidecar accepts: the configured issuers and, with an identity, the mesh's
+/// own token service, for tokens exchanged for this agent (its SPIFFE ID as the audience).
+fn jwt_config(config: &Config) -> Option<agentmesh_control_api::jwt::JwtConfig> {
+    use agentmesh_control_api::jwt::{JwtConfig, JwtIssuer};
+    let mesh = config
+        .identity
+        .as_ref()
+        .filter(|i| i.token_exchange)
+        .map(|i| {
+            let id = agentmesh_control_api::identity::AgentId::new(
+                &i.trust_domain,
+                &config.agent.namespace,
+                &config.agent.name,
+            );
+            JwtIssuer {
+                issuer: format!("spiffe://{}/control", i.trust_domain),
+                jwks_uri: Some(format!("{}/v1/jwks", i.ca_server.trim_end_matches('/'))),
+                jwks_file: None,
+                audiences: vec![id.spiffe_id()],
+                algorithms: vec!["ES256".into()],
+                ca_file: Some(i.ca_file.clone()),
+            }
+        });
+    match (config.jwt.clone(), mesh) {
+        (Some(mut j), Some(m)) => {
+            if !j.issuers.iter().any(|i| i.issuer == m.issuer) {
+                j.issuers.push(m);
+            }
+            Some(j)
+        }
+        (Some(j), None) => Some(j),
+        (None, Some(m)) => Some(JwtConfig {
+            issuers: vec![m],
+            leeway: std::time::Duration::from_secs(30),
+            required: false,
+        }),
+        (None, None) => None,
+    }
+}
+
 /// Credential values by name. Never printed: `Debug` shows names only.
 #[derive(Default, PartialEq)]
 pub struct Secrets(HashMap<String, String>);
@@ -195,8 +235,8 @@ impl Desired {
             })?,
         };
         let secrets = Arc::new(Secrets::load(&config, pushed)?);
-        let jwt = match &config.jwt {
-            Some(j) => Some(Arc::new(Validator::new(j.clone()).map_err(LoadError::Jwt)?)),
+        let jwt = match jwt_config(&config) {
+            Some(j) => Some(Arc::new(Validator::new(j).map_err(LoadError::Jwt)?)),
             None => None,
         };
         Ok(Desired {

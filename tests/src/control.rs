@@ -2,7 +2,7 @@
 //! config directory and a state directory, and a client of its registry API that trusts the
 //! server's own CA and holds its admin token.
 
-use crate::{free_port, spawn, Proc};
+use crate::{free_port, spawn, Proc, Scratch, Sidecar};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -144,5 +144,46 @@ impl Control {
             assert!(Instant::now() < deadline, "{path} never got there: {v}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+impl Control {
+    /// A sidecar of `agent` with an identity from this control server (a join token in a
+    /// file) and a subscription; `inbound_to`: the agent's own server, if it takes calls;
+    /// `extra`: more YAML.
+    pub async fn identity_sidecar(
+        &self,
+        dir: &Scratch,
+        agent: &str,
+        inbound_to: Option<u16>,
+        extra: &str,
+    ) -> Sidecar {
+        let (s, t) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/join-tokens",
+                Some(&serde_json::json!({"agent": agent})),
+                true,
+            )
+            .await;
+        assert_eq!(s, 201, "{t}");
+        let token = dir.path("join-token");
+        std::fs::write(&token, t["token"].as_str().unwrap_or_default()).expect("token file");
+        let ca = self.state_dir.join("ca.pem");
+        let (xds, api) = (self.address(), self.url(""));
+        let inbound = inbound_to
+            .map(|p| format!("inbound: {{forward_to: \"127.0.0.1:{p}\", kind: http}}\n"))
+            .unwrap_or_default();
+        let id_dir = dir.path("identity");
+        let extra = extra.to_string();
+        Sidecar::start_agent(dir, agent, move |_, _, _| {
+            format!(
+                "identity: {{ca_server: \"{api}\", ca_file: \"{}\", join_token_file: \"{}\", dir: \"{}\"}}\ncontrol: {{address: \"{xds}\"}}\n{inbound}{extra}",
+                ca.display(),
+                token.display(),
+                id_dir.display()
+            )
+        })
+        .await
     }
 }

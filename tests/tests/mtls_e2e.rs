@@ -6,8 +6,7 @@
 
 use agentmesh_tests::control::Control;
 use agentmesh_tests::{Fixture, Scratch, Sidecar};
-use reqwest::Method;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,40 +27,13 @@ fn write(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// A sidecar of `agent` with an identity from `control` (its join token in a file) and a
-/// subscription; `inbound_to`: the agent's own server, if it takes calls.
 async fn sidecar(
     dir: &Scratch,
     control: &Control,
     agent: &str,
     inbound_to: Option<u16>,
 ) -> Sidecar {
-    let (s, t) = control
-        .call(
-            Method::POST,
-            "/v1/join-tokens",
-            Some(&json!({"agent": agent})),
-            true,
-        )
-        .await;
-    assert_eq!(s, 201, "{t}");
-    let token = dir.path("join-token");
-    std::fs::write(&token, t["token"].as_str().unwrap()).unwrap();
-    let ca = control.state_dir.join("ca.pem");
-    let (xds, api) = (control.address(), control.url(""));
-    let inbound = inbound_to
-        .map(|p| format!("inbound: {{forward_to: \"127.0.0.1:{p}\", kind: http}}\n"))
-        .unwrap_or_default();
-    let id_dir = dir.path("identity");
-    Sidecar::start_agent(dir, agent, move |_, _, _| {
-        format!(
-            "identity: {{ca_server: \"{api}\", ca_file: \"{}\", join_token_file: \"{}\", dir: \"{}\"}}\ncontrol: {{address: \"{xds}\"}}\n{inbound}",
-            ca.display(),
-            token.display(),
-            id_dir.display()
-        )
-    })
-    .await
+    control.identity_sidecar(dir, agent, inbound_to, "").await
 }
 
 async fn get(url: &str) -> (u16, Value) {

@@ -28,6 +28,8 @@ pub struct Api {
     /// The CA that signs SVIDs, and how long they live.
     pub root: Arc<Root>,
     pub svid_ttl: std::time::Duration,
+    /// Signs exchanged tokens.
+    pub signer: Arc<crate::tokens::Signer>,
 }
 
 pub fn router(api: Api) -> Router {
@@ -46,6 +48,9 @@ pub fn router(api: Api) -> Router {
         .route("/v1/join-tokens", post(ca_api::join_token))
         .route("/v1/svid", post(ca_api::svid))
         .route("/v1/trust-bundle", get(ca_api::trust_bundle))
+        .route("/v1/token", post(ca_api::token))
+        .route("/v1/jwks", get(ca_api::jwks))
+        .route("/.well-known/jwks.json", get(ca_api::jwks))
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,

@@ -6,6 +6,7 @@
 use crate::api::{body, error, persist_failed, Answer, Api, ApiError};
 use crate::registry::{now_unix, TokenError};
 use crate::tls::SignError;
+use crate::tokens::{exchange, ExchangeRequest, OauthError};
 use agentmesh_control_api::identity::{AgentId, TRUST_DOMAIN};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -163,4 +164,65 @@ pub async fn svid(
 
 pub async fn trust_bundle(State(api): State<Api>) -> Answer {
     Ok(Json(json!({"trust_domain": TRUST_DOMAIN, "roots": api.root.cert_pem})).into_response())
+}
+
+/// RFC 8693 token exchange: the client is the sidecar its SVID names.
+pub async fn token(
+    State(api): State<Api>,
+    Extension(peer): Extension<PeerIdentity>,
+    form: Result<
+        axum::Form<std::collections::HashMap<String, String>>,
+        axum::extract::rejection::FormRejection,
+    >,
+) -> axum::response::Response {
+    let oauth_error = |e: OauthError| {
+        tracing::warn!(code = e.code, reason = %e.description, "token exchange refused");
+        (
+            StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST),
+            [(axum::http::header::CACHE_CONTROL, "no-store")],
+            Json(json!({"error": e.code, "error_description": e.description})),
+        )
+            .into_response()
+    };
+    let Some(actor) = peer.0 else {
+        return oauth_error(OauthError {
+            status: 401,
+            code: "invalid_client",
+            description: "authenticate with the sidecar's SVID (a client certificate)".into(),
+        });
+    };
+    let form = match form {
+        Ok(axum::Form(f)) => f,
+        Err(e) => {
+            return oauth_error(OauthError {
+                status: 400,
+                code: "invalid_request",
+                description: e.body_text(),
+            })
+        }
+    };
+    let get = |k: &str| form.get(k).map(String::as_str);
+    let req = ExchangeRequest {
+        grant_type: get("grant_type"),
+        subject_token: get("subject_token"),
+        subject_token_type: get("subject_token_type"),
+        actor_token: get("actor_token"),
+        audience: get("audience"),
+        scope: get("scope"),
+        requested_token_type: get("requested_token_type"),
+    };
+    let catalog = api.control.catalog();
+    match exchange(&api.signer, catalog.issuers.as_deref(), &actor, &req).await {
+        Ok(body) => (
+            [(axum::http::header::CACHE_CONTROL, "no-store")],
+            Json(body),
+        )
+            .into_response(),
+        Err(e) => oauth_error(e),
+    }
+}
+
+/// The keys exchanged tokens are signed with.
+pub async fn jwks(State(api): State<Api>) -> Answer {
+    Ok(Json(api.signer.jwks()).into_response())
 }

@@ -13,3 +13,4 @@ pub mod resources;
 pub mod serve;
 pub mod source;
 pub mod tls;
+pub mod tokens;

@@ -78,6 +78,10 @@ fn main_inner() -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", args.state_dir.display()))?;
     let root =
         std::sync::Arc::new(Root::load_or_create(&args.state_dir).map_err(anyhow::Error::msg)?);
+    let signer = std::sync::Arc::new(
+        agentmesh_control::tokens::Signer::load_or_create(&args.state_dir)
+            .map_err(anyhow::Error::msg)?,
+    );
     let token_file = args.state_dir.join("admin-token");
     let token = match std::fs::read_to_string(&token_file) {
         Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
@@ -115,8 +119,16 @@ fn main_inner() -> anyhow::Result<()> {
             }
             tracing::info!("shutting down");
         };
-        run(control, root, args.svid_ttl, token, listeners, shutdown)
-            .await
-            .map_err(anyhow::Error::msg)
+        run(
+            control,
+            root,
+            signer,
+            args.svid_ttl,
+            token,
+            listeners,
+            shutdown,
+        )
+        .await
+        .map_err(anyhow::Error::msg)
     })
 }

@@ -16,6 +16,8 @@ pub struct ConfigFile {
     pub upstreams: Vec<UpstreamConfig>,
     pub policies: Vec<PolicySpec>,
     pub secrets: Vec<SecretSpec>,
+    /// Identity providers whose user tokens the token exchange accepts as subject tokens.
+    pub issuers: Vec<agentmesh_control_api::jwt::JwtIssuer>,
 }
 
 /// An agent: its registry entry and what its sidecar is granted.
@@ -140,6 +142,8 @@ pub struct Catalog {
     pub secrets: BTreeMap<String, Declared<Vec<u8>>>,
     /// The files read, in order.
     pub files: Vec<String>,
+    /// Validates external subject tokens for the token exchange (when issuers are declared).
+    pub issuers: Option<std::sync::Arc<agentmesh_control_api::jwt::Validator>>,
 }
 
 impl Catalog {
@@ -246,6 +250,35 @@ impl Catalog {
                         spec: value,
                     },
                 );
+            }
+            if !content.issuers.is_empty() {
+                let mut issuers = content.issuers;
+                for i in issuers.iter_mut() {
+                    for p in [i.jwks_file.as_mut(), i.ca_file.as_mut()]
+                        .into_iter()
+                        .flatten()
+                    {
+                        if p.is_relative() {
+                            *p = dir.join(&*p);
+                        }
+                    }
+                }
+                let config = agentmesh_control_api::jwt::JwtConfig {
+                    issuers,
+                    leeway: std::time::Duration::from_secs(30),
+                    required: false,
+                };
+                config.validate().map_err(|e| invalid(e.field, e.message))?;
+                if c.issuers.is_some() {
+                    return Err(invalid(
+                        "issuers".into(),
+                        "issuers are declared in more than one file".into(),
+                    ));
+                }
+                c.issuers = Some(std::sync::Arc::new(
+                    agentmesh_control_api::jwt::Validator::new(config)
+                        .map_err(|m| invalid("issuers".into(), m))?,
+                ));
             }
             for (i, a) in content.agents.into_iter().enumerate() {
                 check_agent(&a).map_err(|(f, m)| invalid(format!("agents[{i}].{f}"), m))?;

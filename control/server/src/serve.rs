@@ -35,6 +35,7 @@ impl Listeners {
 pub async fn run(
     control: Arc<Control>,
     root: Arc<Root>,
+    signer: Arc<crate::tokens::Signer>,
     svid_ttl: Duration,
     token: String,
     listeners: Listeners,
@@ -89,6 +90,7 @@ pub async fn run(
         token: Arc::new(token),
         root: root.clone(),
         svid_ttl,
+        signer,
     });
     let mut stop = stop_rx.clone();
     let api_listener = listeners.api;

@@ -3,14 +3,101 @@
 //! allow-list (never `none`, never an HMAC algorithm, so no key-type confusion), the signature
 //! against the issuer's JWKS (fetched, cached, refreshed once on an unknown `kid`), `exp` and
 //! `nbf` with a small leeway, `iss` and `aud` — and its claims become `input.user`. Each
-//! rejection has its own reason, returned in the 401 and logged.
+//! rejection has its own reason. Shared by the sidecar (end users' tokens, and exchanged
+//! tokens from peers) and the control server's token exchange (subject tokens).
 
-use crate::config::{JwtConfig, JwtIssuer};
+use crate::upstream::FieldError;
 use base64::Engine as _;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Which end-user tokens are accepted.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    pub issuers: Vec<JwtIssuer>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    pub leeway: Duration,
+    /// Refuse calls that carry no token (default: a token is validated when present).
+    #[serde(default)]
+    pub required: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JwtIssuer {
+    /// The `iss` value.
+    pub issuer: String,
+    /// Where its keys are (fetched, cached 10 min, refreshed on an unknown `kid`) ...
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    /// ... or a JWKS file (relative to the config file).
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Accepted `aud` values; empty: `aud` is not checked.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// The allow-list; asymmetric algorithms only.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// CA certificates for the JWKS endpoint, instead of the system roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_algorithms() -> Vec<String> {
+    vec!["RS256".into(), "ES256".into(), "EdDSA".into()]
+}
+
+/// Algorithms an issuer may be allowed: asymmetric ones (an HMAC key shared with every sidecar
+/// would let any of them mint tokens, and invites RS/HS confusion).
+const ASYMMETRIC: &[&str] = &[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];
+
+impl JwtConfig {
+    /// Checks what types alone cannot; field paths are relative to the section.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        for (i, iss) in self.issuers.iter().enumerate() {
+            let invalid = |f: &str, message: String| FieldError {
+                field: format!("issuers[{i}].{f}"),
+                message,
+            };
+            if iss.issuer.is_empty() {
+                return Err(invalid("issuer", "must not be empty".into()));
+            }
+            if iss.jwks_uri.is_some() == iss.jwks_file.is_some() {
+                return Err(invalid(
+                    "jwks_uri",
+                    "set exactly one of `jwks_uri` and `jwks_file`".into(),
+                ));
+            }
+            if let Some(u) = &iss.jwks_uri {
+                if !u.starts_with("https://") && !u.starts_with("http://") {
+                    return Err(invalid("jwks_uri", format!("`{u}` is not a URL")));
+                }
+            }
+            for (k, a) in iss.algorithms.iter().enumerate() {
+                if !ASYMMETRIC.contains(&a.as_str()) {
+                    return Err(invalid(
+                        &format!("algorithms[{k}]"),
+                        format!("`{a}` is not allowed: use one of {}", ASYMMETRIC.join(", ")),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
 
 /// Why a token was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

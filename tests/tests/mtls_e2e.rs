@@ -299,49 +299,144 @@ async fn svids_rotate_under_load_without_a_failed_call() {
                 .is_some_and(|u| u.iter().any(|u| u["name"] == "agents/writer"))
         })
         .await;
-    let url = planner.url("/agents/writer/healthz");
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let load = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        tokio::spawn(async move {
-            // A new connection now and then, so that handshakes with renewed SVIDs happen too.
+    let load = Load::start(planner.url("/agents/writer/healthz"));
+    renewed(&writer, &planner, 2).await;
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "no call failed across rotations");
+    assert!(ok > 100);
+}
+
+/// Calls at a steady pace, opening a new connection now and then so that handshakes with
+/// renewed SVIDs happen too; counts what succeeded and what failed.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    fn start(url: String) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
+        let task = tokio::spawn(async move {
             let mut n = 0u64;
             let mut client = reqwest::Client::new();
-            while !stop.load(Ordering::Relaxed) {
+            while !s.load(Ordering::Relaxed) {
                 n += 1;
                 if n.is_multiple_of(20) {
                     client = reqwest::Client::new();
                 }
                 match client.get(&url).send().await.map(|r| r.status().as_u16()) {
-                    Ok(200) => ok.fetch_add(1, Ordering::Relaxed),
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                    Ok(200) => o.fetch_add(1, Ordering::Relaxed),
+                    _ => f.fetch_add(1, Ordering::Relaxed),
                 };
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-        })
-    };
-    let renewals = |d: &Value| d["identity"]["renewals"].as_u64().unwrap_or(0);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (p, w) = (planner.config_dump().await, writer.config_dump().await);
-        if renewals(&p) >= 2 && renewals(&w) >= 2 {
-            break;
+        });
+        Load {
+            stop,
+            ok,
+            failed,
+            task,
         }
-        assert!(
-            Instant::now() < deadline,
-            "SVIDs were not renewed: {} / {}",
-            p["identity"],
-            w["identity"]
-        );
+    }
+
+    async fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Waits until both sidecars have renewed their SVIDs `more` times beyond what they had.
+async fn renewed(a: &Sidecar, b: &Sidecar, more: u64) {
+    let count = |d: Value| d["identity"]["renewals"].as_u64().unwrap_or(0);
+    let (a0, b0) = (count(a.config_dump().await), count(b.config_dump().await));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count(a.config_dump().await) < a0 + more || count(b.config_dump().await) < b0 + more {
+        assert!(Instant::now() < deadline, "SVIDs were not renewed");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "no call failed across rotations"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_root_rolls_over_under_load_without_a_failed_call() {
+    let dir = Scratch::new("mtls-rollover");
+    let llm = Fixture::mock_llm(&dir, &[]).await;
+    let conf = dir.path("mesh");
+    write(&conf.join("policy/authz.rego"), ALLOW);
+    write(&conf.join("mesh.yaml"), &mesh(""));
+    let state = dir.path("control-state");
+    let control = Control::start_with(&conf, &state, &["--svid-ttl", "4s"]).await;
+    let first_root = std::fs::read_to_string(state.join("ca.pem")).unwrap();
+    let (wd, pd) = (
+        Scratch::new("mtls-ro-writer"),
+        Scratch::new("mtls-ro-planner"),
     );
-    assert!(ok.load(Ordering::Relaxed) > 100);
+    let writer = sidecar(&wd, &control, "writer", Some(llm.port)).await;
+    let planner = sidecar(&pd, &control, "planner", None).await;
+    planner
+        .wait_dump(|d| {
+            d["config"]["upstreams"]
+                .as_array()
+                .is_some_and(|u| u.iter().any(|u| u["name"] == "agents/writer"))
+        })
+        .await;
+    let load = Load::start(planner.url("/agents/writer/healthz"));
+    let step_to = |step: &str| serde_json::json!({ "step": step });
+    for (step, phase, roots) in [
+        ("stage", "staged", 2),
+        ("activate", "rolled", 2),
+        ("retire", "steady", 1),
+    ] {
+        let (s, v) = control
+            .call(
+                reqwest::Method::POST,
+                "/v1/ca/rollover",
+                Some(&step_to(step)),
+                true,
+            )
+            .await;
+        assert_eq!(s, 200, "{step}: {v}");
+        assert_eq!(
+            (v["phase"].as_str(), v["roots"].as_u64()),
+            (Some(phase), Some(roots)),
+            "{v}"
+        );
+        // Every sidecar has the new bundle (and, after activation, an SVID from the new root)
+        // before the next step.
+        renewed(&writer, &planner, 2).await;
+    }
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "no call failed during the rollover");
+    assert!(ok > 100, "{ok}");
+    let now = control.get("/v1/ca").await;
+    assert_ne!(
+        now["signing"].as_str().unwrap(),
+        first_root,
+        "a new root signs"
+    );
+    let (s, v) = control
+        .call(
+            reqwest::Method::POST,
+            "/v1/ca/rollover",
+            Some(&step_to("activate")),
+            true,
+        )
+        .await;
+    assert_eq!(s, 409, "nothing staged: {v}");
+    let (s, _) = control
+        .call(
+            reqwest::Method::POST,
+            "/v1/ca/rollover",
+            Some(&step_to("stage")),
+            false,
+        )
+        .await;
+    assert_eq!(s, 401, "admin only");
 }

@@ -9,7 +9,6 @@ use crate::control::Control;
 use crate::model::{check_agent, AgentSpec};
 use crate::registry::{now_unix, Certification, HEALTH_WINDOW};
 use crate::resources::card;
-use crate::tls::Root;
 use agentmesh_control_api::discovery as wire;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -26,7 +25,7 @@ pub struct Api {
     /// The admin token that changes need.
     pub token: Arc<String>,
     /// The CA that signs SVIDs, and how long they live.
-    pub root: Arc<Root>,
+    pub authority: Arc<crate::authority::Authority>,
     pub svid_ttl: std::time::Duration,
     /// Signs exchanged tokens.
     pub signer: Arc<crate::tokens::Signer>,
@@ -49,6 +48,8 @@ pub fn router(api: Api) -> Router {
         .route("/v1/svid", post(ca_api::svid))
         .route("/v1/trust-bundle", get(ca_api::trust_bundle))
         .route("/v1/token", post(ca_api::token))
+        .route("/v1/ca", get(ca_api::ca_status))
+        .route("/v1/ca/rollover", post(ca_api::rollover))
         .route("/v1/jwks", get(ca_api::jwks))
         .route("/.well-known/jwks.json", get(ca_api::jwks))
         .fallback(|| async {

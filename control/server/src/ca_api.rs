@@ -139,7 +139,8 @@ pub async fn svid(
         }
     };
     let svid = api
-        .root
+        .authority
+        .signing()
         .sign_svid(&req.csr, &id, api.svid_ttl)
         .map_err(check)?;
     if let Some(token) = &req.join_token {
@@ -154,7 +155,7 @@ pub async fn svid(
     Ok(Json(json!({
         "spiffe_id": id.spiffe_id(),
         "certificate": svid.cert_pem,
-        "trust_bundle": api.root.cert_pem,
+        "trust_bundle": api.authority.bundle_pem(),
         "expires_at_unix": svid.not_after_unix,
         // Renew at half-life (design §6).
         "renew_at_unix": now + svid.not_after_unix.saturating_sub(now) / 2,
@@ -163,7 +164,41 @@ pub async fn svid(
 }
 
 pub async fn trust_bundle(State(api): State<Api>) -> Answer {
-    Ok(Json(json!({"trust_domain": TRUST_DOMAIN, "roots": api.root.cert_pem})).into_response())
+    Ok(
+        Json(json!({"trust_domain": TRUST_DOMAIN, "roots": api.authority.bundle_pem()}))
+            .into_response(),
+    )
+}
+
+/// The CA's state: the rollover phase and how many roots are trusted.
+pub async fn ca_status(State(api): State<Api>) -> Answer {
+    let bundle = api.authority.bundle_pem();
+    Ok(Json(json!({
+        "phase": api.authority.phase(),
+        "roots": bundle.matches("BEGIN CERTIFICATE").count(),
+        "signing": api.authority.signing().cert_pem,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloverRequest {
+    step: String,
+}
+
+/// One step of a root rollover (admin): `stage`, `activate`, `retire`.
+pub async fn rollover(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    payload: Result<Json<RolloverRequest>, axum::extract::rejection::JsonRejection>,
+) -> Answer {
+    api.authorize(&headers)?;
+    let req = body(payload)?;
+    api.authority
+        .rollover(&req.step)
+        .map_err(|m: String| error(StatusCode::CONFLICT, "rollover", &m))?;
+    ca_status(State(api)).await
 }
 
 /// RFC 8693 token exchange: the client is the sidecar its SVID names.

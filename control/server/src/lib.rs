@@ -5,6 +5,7 @@
 
 pub mod ads;
 pub mod api;
+pub mod authority;
 pub mod ca_api;
 pub mod control;
 pub mod model;

@@ -1,11 +1,12 @@
 //! `agentmesh-control`: loads the config directory, then serves discovery (15010) and the
 //! registry API (15012) until SIGINT or SIGTERM.
 
+use agentmesh_control::authority::Authority;
 use agentmesh_control::control::Control;
 use agentmesh_control::registry::Registry;
 use agentmesh_control::serve::{run, Listeners};
 use agentmesh_control::source::DirSource;
-use agentmesh_control::tls::{write_secret, Root};
+use agentmesh_control::tls::write_secret;
 use anyhow::Context;
 use clap::Parser;
 use std::net::SocketAddr;
@@ -76,8 +77,7 @@ fn main_inner() -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("cannot create {}", args.state_dir.display()))?;
-    let root =
-        std::sync::Arc::new(Root::load_or_create(&args.state_dir).map_err(anyhow::Error::msg)?);
+    let authority = Authority::open(&args.state_dir).map_err(anyhow::Error::msg)?;
     let signer = std::sync::Arc::new(
         agentmesh_control::tokens::Signer::load_or_create(&args.state_dir)
             .map_err(anyhow::Error::msg)?,
@@ -121,7 +121,7 @@ fn main_inner() -> anyhow::Result<()> {
         };
         run(
             control,
-            root,
+            authority,
             signer,
             args.svid_ttl,
             token,

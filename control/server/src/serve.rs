@@ -4,9 +4,9 @@
 
 use crate::ads::Ads;
 use crate::api::{router, Api};
+use crate::authority::Authority;
 use crate::ca_api::PeerIdentity;
 use crate::control::{hostname, Control};
-use crate::tls::Root;
 use agentmesh_control_api::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,7 +34,7 @@ impl Listeners {
 /// Serves until `shutdown` resolves.
 pub async fn run(
     control: Arc<Control>,
-    root: Arc<Root>,
+    authority: Arc<Authority>,
     signer: Arc<crate::tokens::Signer>,
     svid_ttl: Duration,
     token: String,
@@ -84,11 +84,14 @@ pub async fn run(
             names.push(a.ip().to_string());
         }
     }
-    let tls = tokio_rustls::TlsAcceptor::from(root.server_config(&names)?);
+    let tls = tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
+        crate::authority::ServingCert::new(authority.clone(), names),
+        authority.client_verifier(),
+    )?);
     let app = router(Api {
         control: control.clone(),
         token: Arc::new(token),
-        root: root.clone(),
+        authority: authority.clone(),
         svid_ttl,
         signer,
     });

@@ -16,11 +16,16 @@ pub struct Root {
     key: KeyPair,
 }
 
-fn root_params() -> Result<CertificateParams, rcgen::Error> {
+/// A new root's parameters; its name carries a digest of its key, so that the old and the new
+/// root of a rollover are told apart by name.
+fn root_params(key: &KeyPair) -> Result<CertificateParams, rcgen::Error> {
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.distinguished_name
-        .push(DnType::CommonName, "agentmesh root CA");
+    let tag = crate::resources::digest(&key.public_key_der());
+    p.distinguished_name.push(
+        DnType::CommonName,
+        format!("agentmesh root CA {}", &tag[..8]),
+    );
     p.distinguished_name
         .push(DnType::OrganizationName, "agentmesh");
     p.key_usages = vec![
@@ -34,31 +39,46 @@ fn root_params() -> Result<CertificateParams, rcgen::Error> {
 }
 
 impl Root {
-    /// Loads the root from `dir`, or makes one there on first start.
+    /// Loads the root from `dir` (`ca.pem`, `ca-key.pem`), or makes one there on first start.
     pub fn load_or_create(dir: &Path) -> Result<Root, String> {
-        let cert_file = dir.join("ca.pem");
-        let key_file = dir.join("ca-key.pem");
-        let params = root_params().map_err(|e| e.to_string())?;
-        if key_file.exists() {
-            let key_pem = std::fs::read_to_string(&key_file)
-                .map_err(|e| format!("cannot read {}: {e}", key_file.display()))?;
-            let key =
-                KeyPair::from_pem(&key_pem).map_err(|e| format!("{}: {e}", key_file.display()))?;
-            let cert_pem = std::fs::read_to_string(&cert_file)
-                .map_err(|e| format!("cannot read {}: {e}", cert_file.display()))?;
-            // The same name and key as the stored certificate: what it signs verifies against it.
-            let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
-            return Ok(Root {
-                cert_pem,
-                cert,
-                key,
-            });
+        match Root::load(&dir.join("ca.pem"), &dir.join("ca-key.pem"))? {
+            Some(r) => Ok(r),
+            None => Root::create(&dir.join("ca.pem"), &dir.join("ca-key.pem")),
         }
-        let key = KeyPair::generate().map_err(|e| e.to_string())?;
+    }
+
+    /// Loads a root kept in two files; `None` when the key file is not there.
+    pub fn load(cert_file: &Path, key_file: &Path) -> Result<Option<Root>, String> {
+        if !key_file.exists() {
+            return Ok(None);
+        }
+        let key_pem = std::fs::read_to_string(key_file)
+            .map_err(|e| format!("cannot read {}: {e}", key_file.display()))?;
+        let key =
+            KeyPair::from_pem(&key_pem).map_err(|e| format!("{}: {e}", key_file.display()))?;
+        let cert_pem = std::fs::read_to_string(cert_file)
+            .map_err(|e| format!("cannot read {}: {e}", cert_file.display()))?;
+        // The stored certificate's own name and extensions, with the same key: what it signs
+        // verifies against the stored certificate.
+        let params = CertificateParams::from_ca_cert_pem(&cert_pem)
+            .map_err(|e| format!("{}: {e}", cert_file.display()))?;
         let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+        Ok(Some(Root {
+            cert_pem,
+            cert,
+            key,
+        }))
+    }
+
+    /// Makes a new root and keeps it in two files (the key owner-only).
+    pub fn create(cert_file: &Path, key_file: &Path) -> Result<Root, String> {
+        let key = KeyPair::generate().map_err(|e| e.to_string())?;
+        let cert = root_params(&key)
+            .and_then(|p| p.self_signed(&key))
+            .map_err(|e| e.to_string())?;
         let cert_pem = cert.pem();
-        write_secret(&key_file, key.serialize_pem().as_bytes())?;
-        write_atomically(&cert_file, cert_pem.as_bytes())
+        write_secret(key_file, key.serialize_pem().as_bytes())?;
+        write_atomically(cert_file, cert_pem.as_bytes())
             .map_err(|e| format!("cannot write {}: {e}", cert_file.display()))?;
         tracing::info!(ca = %cert_file.display(), "made a new root CA");
         Ok(Root {
@@ -69,7 +89,8 @@ impl Root {
     }
 
     /// A server config for `names` (DNS names or IP addresses), signed by the root.
-    pub fn server_config(&self, names: &[String]) -> Result<Arc<rustls::ServerConfig>, String> {
+    /// A serving certificate for `names` (DNS names or IP addresses), signed by this root.
+    pub fn serving_key(&self, names: &[String]) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
         let key = KeyPair::generate().map_err(|e| e.to_string())?;
         let mut p = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
         p.distinguished_name
@@ -86,29 +107,34 @@ impl Root {
         let cert = p
             .signed_by(&key, &self.cert, &self.key)
             .map_err(|e| e.to_string())?;
-        let chain = vec![cert.der().clone()];
         let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
-        // A sidecar renewing its SVID authenticates with the current one; other clients
-        // present no certificate.
-        .with_client_cert_verifier(
-            rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(self.roots()),
-                Arc::new(rustls::crypto::ring::default_provider()),
-            )
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| e.to_string())?,
-        )
-        .with_single_cert(chain, key_der)
-        .map_err(|e| e.to_string())?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(Arc::new(config))
+        let signing = rustls::crypto::ring::default_provider()
+            .key_provider
+            .load_private_key(key_der)
+            .map_err(|e| e.to_string())?;
+        Ok(Arc::new(rustls::sign::CertifiedKey::new(
+            vec![cert.der().clone()],
+            signing,
+        )))
     }
+}
+
+/// The API's server configuration: its certificate from `certs` (which follows the signing
+/// root), client certificates checked by `clients` (a sidecar renewing its SVID presents the
+/// current one; other clients present none).
+pub fn server_config(
+    certs: Arc<dyn rustls::server::ResolvesServerCert>,
+    clients: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+    .map_err(|e| e.to_string())?
+    .with_client_cert_verifier(clients)
+    .with_cert_resolver(certs);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// Why a CSR was not signed.
@@ -184,13 +210,6 @@ impl Root {
             cert_pem: cert.pem(),
             not_after_unix: u64::try_from(not_after.unix_timestamp()).unwrap_or(0),
         })
-    }
-
-    /// The root store holding this CA, for verifying client certificates.
-    pub fn roots(&self) -> rustls::RootCertStore {
-        let mut roots = rustls::RootCertStore::empty();
-        let _ = roots.add(self.cert.der().clone());
-        roots
     }
 }
 

@@ -279,6 +279,31 @@ impl Identity {
         self.config.ca_server.trim_end_matches('/')
     }
 
+    /// A TLS 1.3 client configuration that presents the current SVID and trusts the bundle and
+    /// the control server's CA (the discovery stream's).
+    pub fn client_tls(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+        let svid = self.current().ok_or("this sidecar has no SVID yet")?;
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = std::fs::read(&self.config.ca_file).map_err(|e| e.to_string())?;
+        for pem in [svid.bundle_pem.as_bytes(), ca.as_slice()] {
+            for der in ders(&String::from_utf8_lossy(pem))? {
+                roots
+                    .add(CertificateDer::from(der))
+                    .map_err(|e| format!("bad root: {e}"))?;
+            }
+        }
+        let key = PrivateKeyDer::from_pem_slice(svid.key_pem.as_bytes())
+            .map_err(|e| format!("bad private key: {e}"))?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(svid.certified.cert.clone(), key)
+            .map_err(|e| e.to_string())?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+
     /// A client of the control server that authenticates with the current SVID.
     pub fn mtls_client(&self) -> Result<reqwest::Client, String> {
         let svid = self.current().ok_or("this sidecar has no SVID yet")?;

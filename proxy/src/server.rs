@@ -188,13 +188,13 @@ pub fn build(
     admin.add_tcp(&listeners.admin.to_string());
     server.add_service(admin);
 
-    if let Some(id) = identity {
+    if let Some(id) = identity.clone() {
         server.add_service(background_service("identity renewer", Renewer(id)));
     }
     if let Some(control) = control {
         server.add_service(background_service(
             "control-plane client",
-            XdsClient::new(control, store.clone()),
+            XdsClient::new(control, store.clone(), identity.clone()),
         ));
     }
     server.add_service(background_service(

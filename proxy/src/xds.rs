@@ -5,6 +5,7 @@
 //! serves on its last good config, and `/readyz` says it is not fresh.
 
 use crate::config::{ControlConfig, DiscoveryMode};
+use crate::identity::Identity;
 use crate::pushed::Pushed;
 use crate::state::{Desired, Store};
 use agentmesh_control_api::discovery::{
@@ -30,10 +31,17 @@ pub struct XdsClient {
     config: ControlConfig,
     store: Arc<Store>,
     node: wire::Node,
+    /// With an identity and an `https://` address, the stream is mTLS: the control server
+    /// binds it to this agent, and only then sends the agent's secrets.
+    identity: Option<Arc<Identity>>,
 }
 
 impl XdsClient {
-    pub fn new(config: ControlConfig, store: Arc<Store>) -> XdsClient {
+    pub fn new(
+        config: ControlConfig,
+        store: Arc<Store>,
+        identity: Option<Arc<Identity>>,
+    ) -> XdsClient {
         let boot = store.bootstrap();
         let node_id = config.node_id.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -66,6 +74,7 @@ impl XdsClient {
             },
             config,
             store,
+            identity,
         }
     }
 
@@ -118,14 +127,42 @@ impl XdsClient {
     }
 
     async fn connect(&self) -> Result<AggregatedDiscoveryServiceClient<Channel>, String> {
-        let channel = Channel::from_shared(self.config.address.clone())
+        let endpoint = Channel::from_shared(self.config.address.clone())
             .map_err(|e| e.to_string())?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(HEARTBEAT)
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .map_err(|e| format!("cannot connect to {}: {e}", self.config.address))?;
+            .keep_alive_timeout(Duration::from_secs(5));
+        let failed =
+            |e: tonic::transport::Error| format!("cannot connect to {}: {e}", self.config.address);
+        let channel = if self.config.address.starts_with("https://") {
+            let id = self
+                .identity
+                .as_ref()
+                .ok_or("an https:// control address needs an `identity`")?;
+            let tls = tokio_rustls::TlsConnector::from(id.client_tls()?);
+            let connector = tower::service_fn(move |uri: http::Uri| {
+                let tls = tls.clone();
+                async move {
+                    let host = uri
+                        .host()
+                        .unwrap_or("localhost")
+                        .trim_matches(['[', ']'])
+                        .to_string();
+                    let port = uri.port_u16().unwrap_or(443);
+                    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+                    let name = rustls::pki_types::ServerName::try_from(host)
+                        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                    let stream = tls.connect(name, tcp).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                }
+            });
+            endpoint
+                .connect_with_connector(connector)
+                .await
+                .map_err(failed)?
+        } else {
+            endpoint.connect().await.map_err(failed)?
+        };
         Ok(AggregatedDiscoveryServiceClient::new(channel))
     }
 

@@ -170,7 +170,8 @@ impl Control {
         let token = dir.path("join-token");
         std::fs::write(&token, t["token"].as_str().unwrap_or_default()).expect("token file");
         let ca = self.state_dir.join("ca.pem");
-        let (xds, api) = (self.address(), self.url(""));
+        // The discovery stream over mTLS too: the only way to be sent the agent's secrets.
+        let (xds, api) = (self.address().replace("http://", "https://"), self.url(""));
         let inbound = inbound_to
             .map(|p| format!("inbound: {{forward_to: \"127.0.0.1:{p}\", kind: http}}\n"))
             .unwrap_or_default();

@@ -156,15 +156,48 @@ async fn a_secret_pushed_by_the_control_server_is_the_credential() {
     )
     .unwrap();
     let control = Control::start(&conf).await;
-    let address = control.address();
-    let persist = dir.path("last-good.pb");
-    let sc = Sidecar::start_agent(&dir, "planner", move |_, _, _| {
-        format!(
-            "control: {{address: \"{address}\", persist_file: \"{}\"}}\n",
-            persist.display()
-        )
-    })
-    .await;
+    // A sidecar whose stream is not bound to the agent by an SVID is sent no secrets: the
+    // upstream's credential is missing, and it says so (a NACK), serving nothing.
+    let plain_dir = Scratch::new("creds-ctl-plain");
+    let admin = agentmesh_tests::free_port();
+    let config = plain_dir.path("sidecar.yaml");
+    std::fs::write(
+        &config,
+        Sidecar::config_text_for(
+            "planner",
+            agentmesh_tests::free_port(),
+            admin,
+            agentmesh_tests::free_port(),
+            &format!(
+                "control: {{address: \"{}\", persist_file: \"{}\"}}\n",
+                control.address(),
+                plain_dir.path("last-good.pb").display()
+            ),
+        ),
+    )
+    .unwrap();
+    let _plain = agentmesh_tests::spawn(
+        "agentmesh-proxy",
+        &["--config", config.to_str().unwrap()],
+        &plain_dir.path("sidecar.log"),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let v: Value = match reqwest::get(format!("http://127.0.0.1:{admin}/readyz")).await {
+            Ok(r) => r.json().await.unwrap_or_default(),
+            Err(_) => Value::Null,
+        };
+        let err = v["control"]["last_error"].as_str().unwrap_or_default();
+        if err.contains("credential `openai-key`") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no NACK for the missing secret: {v}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let sc = control.identity_sidecar(&dir, "planner", None, "").await;
     sc.wait_dump(|d| d["control"]["secrets"] == json!(["openai-key"]))
         .await;
     let got = call(

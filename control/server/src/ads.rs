@@ -8,6 +8,7 @@
 use crate::control::Control;
 use crate::registry::{now_unix, Nack, Sidecar};
 use crate::resources::set_version;
+use crate::xds_listener::StreamPeer;
 use agentmesh_control_api::discovery::{
     self as wire, aggregated_discovery_service_server::AggregatedDiscoveryService,
 };
@@ -120,6 +121,8 @@ struct Session {
     pending: Option<(String, String, BTreeMap<String, String>)>,
     refused_version: Option<String>,
     sent: u64,
+    /// The stream's client proved the agent's identity (mTLS): only then are secrets sent.
+    authenticated: bool,
 }
 
 impl Session {
@@ -130,12 +133,15 @@ impl Session {
             return Ok(None);
         }
         let world = control.world();
-        let set = world.for_agent(&self.agent).ok_or_else(|| {
+        let mut set = world.for_agent(&self.agent).ok_or_else(|| {
             Status::not_found(format!(
                 "agent `{}` is neither declared in the control server's config nor registered",
                 self.agent
             ))
         })?;
+        if !self.authenticated {
+            set.retain(|r| !r.name.starts_with("secret/"));
+        }
         let version = set_version(&set);
         let first = self.sent == 0;
         if !first
@@ -222,14 +228,14 @@ pub struct Ads {
 }
 
 impl Ads {
-    fn open<M: Mode>(&self, mut inbound: Streaming<M::Req>) -> Out<M::Resp>
+    fn open<M: Mode>(&self, mut inbound: Streaming<M::Req>, peer: StreamPeer) -> Out<M::Resp>
     where
         M::Req: prost::Message + Default,
     {
         let (tx, rx) = mpsc::channel::<Result<M::Resp, Status>>(4);
         let control = self.control.clone();
         tokio::spawn(async move {
-            if let Err(status) = serve::<M>(&control, &mut inbound, &tx).await {
+            if let Err(status) = serve::<M>(&control, &mut inbound, &tx, peer).await {
                 let _ = tx.send(Err(status)).await;
             }
         });
@@ -241,6 +247,7 @@ async fn serve<M: Mode>(
     control: &Arc<Control>,
     inbound: &mut Streaming<M::Req>,
     tx: &mpsc::Sender<Result<M::Resp, Status>>,
+    peer: StreamPeer,
 ) -> Result<(), Status>
 where
     M::Req: prost::Message + Default,
@@ -253,6 +260,15 @@ where
         .ok_or_else(|| {
             Status::invalid_argument("the first request must carry `node` with `id` and `agent`")
         })?;
+    // A client certificate binds the stream to its agent; only such a stream is sent secrets.
+    if let Some(id) = &peer.0 {
+        if id.agent != node.agent || id.namespace != node.namespace {
+            return Err(Status::permission_denied(format!(
+                "the client certificate is `{id}`, not agent `{}` in namespace `{}`",
+                node.agent, node.namespace
+            )));
+        }
+    }
     let now = now_unix();
     static STREAMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let stream = STREAMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -264,6 +280,7 @@ where
         pending: None,
         refused_version: None,
         sent: 0,
+        authenticated: peer.0.is_some(),
     };
     control.registry.connected(Sidecar {
         stream,
@@ -334,13 +351,25 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         request: Request<Streaming<wire::DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamResourcesStream>, Status> {
-        Ok(Response::new(self.open::<Sotw>(request.into_inner())))
+        let peer = request
+            .extensions()
+            .get::<StreamPeer>()
+            .cloned()
+            .unwrap_or_default();
+        Ok(Response::new(self.open::<Sotw>(request.into_inner(), peer)))
     }
 
     async fn delta_resources(
         &self,
         request: Request<Streaming<wire::DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaResourcesStream>, Status> {
-        Ok(Response::new(self.open::<Delta>(request.into_inner())))
+        let peer = request
+            .extensions()
+            .get::<StreamPeer>()
+            .cloned()
+            .unwrap_or_default();
+        Ok(Response::new(
+            self.open::<Delta>(request.into_inner(), peer),
+        ))
     }
 }

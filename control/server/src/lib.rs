@@ -15,3 +15,4 @@ pub mod serve;
 pub mod source;
 pub mod tls;
 pub mod tokens;
+pub mod xds_listener;

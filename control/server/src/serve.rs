@@ -88,6 +88,7 @@ pub async fn run(
         crate::authority::ServingCert::new(authority.clone(), names),
         authority.client_verifier(),
     )?);
+    let xds_tls = tls.clone();
     let app = router(Api {
         control: control.clone(),
         token: Arc::new(token),
@@ -140,7 +141,7 @@ pub async fn run(
     });
 
     let mut stop = stop_rx;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.xds);
+    let incoming = crate::xds_listener::incoming(listeners.xds, xds_tls);
     tonic::transport::Server::builder()
         // Dead peers are found by HTTP/2 pings, not only by a failed write.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))

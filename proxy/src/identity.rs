@@ -14,7 +14,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora::utils::tls::{CertKey, WrappedX509};
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use serde::Serialize;
@@ -432,70 +432,19 @@ impl ResolvesServerCert for ServerCert {
     }
 }
 
-/// Verifies peers' client certificates against the current trust bundle (which renewals may
-/// change, as during a root rollover). Without an SVID no peer is accepted.
-#[derive(Debug)]
-pub struct PeerVerifier(pub Arc<Identity>);
-
-impl PeerVerifier {
-    fn inner(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
-        self.0
-            .current()
-            .map(|s| s.verifier.clone())
-            .ok_or_else(|| rustls::Error::General("this sidecar has no SVID yet".into()))
-    }
-}
-
-impl ClientCertVerifier for PeerVerifier {
-    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
-        &[]
-    }
-
-    /// A client without a certificate completes the handshake and is refused, with the reason,
-    /// on its first request: a refusal the peer and the logs can read.
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: rustls::pki_types::UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        let verdict = self
-            .inner()?
-            .verify_client_cert(end_entity, intermediates, now);
-        if let Err(e) = &verdict {
-            let claimed = agent_id_of(end_entity).map(|i| i.spiffe_id());
-            tracing::warn!(peer = ?claimed, reason = %e, "peer certificate refused");
-        }
-        verdict
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner()?.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner()?.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+/// Verifies peers' client certificates against the current SVID's trust bundle (which renewals
+/// may change, as during a root rollover), logging each refusal. Without an SVID no peer is
+/// accepted.
+pub fn peer_verifier(identity: Arc<Identity>) -> Arc<dyn ClientCertVerifier> {
+    agentmesh_control_api::verify::Following::new(
+        move || {
+            identity
+                .current()
+                .map(|s| s.verifier.clone())
+                .ok_or_else(|| rustls::Error::General("this sidecar has no SVID yet".into()))
+        },
+        true,
+    )
 }
 
 /// A verified peer's identity, attached to its connection after the handshake.

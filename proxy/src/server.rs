@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::decide::PolicyCounters;
 use crate::decisionlog::DecisionLog;
 use crate::exchange::Exchanger;
-use crate::identity::{Identity, PeerIdentity, PeerVerifier, Renewer, ServerCert};
+use crate::identity::{peer_verifier, Identity, PeerIdentity, Renewer, ServerCert};
 use crate::metrics::Metrics;
 use crate::proxy::MeshProxy;
 use crate::pushed::Pushed;
@@ -162,7 +162,7 @@ pub fn build(
             Some(id) => {
                 let mut tls = TlsSettings::with_callbacks(Box::new(PeerIdentity))?;
                 tls.set_cert_resolver(Arc::new(ServerCert(id.clone())));
-                tls.set_client_cert_verifier(Arc::new(PeerVerifier(id.clone())));
+                tls.set_client_cert_verifier(peer_verifier(id.clone()));
                 tls.enable_h2();
                 inbound.add_tls_with_settings(&addr.to_string(), None, tls);
             }

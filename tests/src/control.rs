@@ -188,3 +188,21 @@ impl Control {
         .await
     }
 }
+
+/// A policy that allows every call, for suites about something else.
+pub const ALLOW_ALL: &str = "package agentmesh.authz\n\ndecision := true\n";
+
+/// Writes a file in one step (write, then rename), as an operator's tooling would, so that a
+/// watcher never reads half of it.
+pub fn write_file(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().expect("a parent directory")).expect("directory");
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+/// A control server's config directory: `mesh.yaml` and an allow-all policy in `policy/`.
+pub fn write_mesh(conf: &Path, mesh_yaml: &str) {
+    write_file(&conf.join("policy/authz.rego"), ALLOW_ALL);
+    write_file(&conf.join("mesh.yaml"), mesh_yaml);
+}

@@ -4,26 +4,16 @@
 //! visible in the API, the control server killed and restarted under traffic, a sidecar
 //! restarted while the control server is down, and the registry API.
 
-use agentmesh_tests::control::Control;
+use agentmesh_tests::control::{write_file, Control, ALLOW_ALL};
 use agentmesh_tests::{post_json, Fixture, Scratch, Sidecar};
 use reqwest::Method;
 use serde_json::{json, Value};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn chat() -> Value {
     json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]})
-}
-
-const ALLOW: &str = "package agentmesh.authz\n\ndecision := true\n";
-
-fn write(path: &Path, text: &str) {
-    std::fs::create_dir_all(path.parent().expect("a parent")).expect("dir");
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).expect("write");
-    std::fs::rename(&tmp, path).expect("rename");
 }
 
 /// The mesh the suites run: a mock LLM and an MCP server as upstreams, a planner that may call
@@ -140,8 +130,8 @@ async fn grants_routes_and_live_changes_reach_each_sidecar() {
     let llm = Fixture::mock_llm(&dir, &[]).await;
     let tools = Fixture::mcp_tools(&dir).await;
     let conf = dir.path("mesh");
-    write(&conf.join("policy/authz.rego"), ALLOW);
-    write(
+    write_file(&conf.join("policy/authz.rego"), ALLOW_ALL);
+    write_file(
         &conf.join("mesh.yaml"),
         &mesh_yaml(llm.port, tools.port, "llm/mock"),
     );
@@ -274,7 +264,7 @@ async fn grants_routes_and_live_changes_reach_each_sidecar() {
     );
 
     // A broken file is refused, named with its field, and nothing changes.
-    write(
+    write_file(
         &conf.join("broken.yaml"),
         "agents:\n  - name: x\n    calls: {upstreams: [llm/nowhere]}\n",
     );
@@ -293,8 +283,7 @@ async fn grants_routes_and_live_changes_reach_each_sidecar() {
     std::fs::remove_file(conf.join("broken.yaml")).unwrap();
 
     // A policy change reaches the sidecar and decides its next call.
-    write(
-        &conf.join("policy/authz.rego"),
+    write_file(&conf.join("policy/authz.rego"),
         "package agentmesh.authz\n\ndecision := {\"allow\": false, \"reason\": \"frozen by the security team\"}\n",
     );
     let url = planner.url("/llm/mock/v1/chat/completions");
@@ -306,8 +295,8 @@ async fn grants_routes_and_live_changes_reach_each_sidecar() {
     assert!(v.to_string().contains("frozen by the security team"), "{v}");
 
     // A grant taken away is removed from the sidecar (a delta removal).
-    write(&conf.join("policy/authz.rego"), ALLOW);
-    write(
+    write_file(&conf.join("policy/authz.rego"), ALLOW_ALL);
+    write_file(
         &conf.join("mesh.yaml"),
         &mesh_yaml(llm.port, tools.port, ""),
     );
@@ -332,8 +321,8 @@ async fn a_nacked_version_never_replaces_the_last_good_one() {
     let dir = Scratch::new("ctl-nack");
     let llm = Fixture::mock_llm(&dir, &[]).await;
     let conf = dir.path("mesh");
-    write(&conf.join("policy/authz.rego"), ALLOW);
-    write(&conf.join("mesh.yaml"), &mesh_yaml(llm.port, 9, "llm/mock"));
+    write_file(&conf.join("policy/authz.rego"), ALLOW_ALL);
+    write_file(&conf.join("mesh.yaml"), &mesh_yaml(llm.port, 9, "llm/mock"));
     let control = Control::start(&conf).await;
     // This sidecar runs the bytecode engine, which does not take `with`: a policy the control
     // server accepts (it checks with the interpreter) and this sidecar must refuse.
@@ -350,8 +339,7 @@ async fn a_nacked_version_never_replaces_the_last_good_one() {
     assert_eq!(post_json(&url, &[], &chat()).await.0, 200);
     let good = planner.config_dump().await["policy"]["revision"].clone();
 
-    write(
-        &conf.join("policy/authz.rego"),
+    write_file(&conf.join("policy/authz.rego"),
         "package agentmesh.authz\n\nopen if input.version == 1\n\ndecision := false if { not open with input.version as 2 }\n",
     );
     let sidecars = control
@@ -386,7 +374,7 @@ async fn a_nacked_version_never_replaces_the_last_good_one() {
     assert_eq!(s, 200, "a stale config still serves");
 
     // Fixed at the source: the next version is ACKed.
-    write(
+    write_file(
         &conf.join("policy/authz.rego"),
         "package agentmesh.authz\n\ndecision := false\n",
     );
@@ -406,8 +394,8 @@ async fn control_server_down_and_back_under_traffic() {
     let dir = Scratch::new("ctl-restart");
     let llm = Fixture::mock_llm(&dir, &[]).await;
     let conf = dir.path("mesh");
-    write(&conf.join("policy/authz.rego"), ALLOW);
-    write(&conf.join("mesh.yaml"), &mesh_yaml(llm.port, 9, "llm/mock"));
+    write_file(&conf.join("policy/authz.rego"), ALLOW_ALL);
+    write_file(&conf.join("mesh.yaml"), &mesh_yaml(llm.port, 9, "llm/mock"));
     let mut control = Control::start(&conf).await;
     let pdir = Scratch::new("ctl-restart-planner");
     let mut planner = sidecar(&pdir, "planner", &control, "delta", "").await;
@@ -438,7 +426,7 @@ async fn control_server_down_and_back_under_traffic() {
     .await;
     assert_eq!(get(&ready).await.0, 200);
     // Changed while the server is down: the sidecar gets it once the server is back.
-    write(
+    write_file(
         &conf.join("policy/authz.rego"),
         "package agentmesh.authz\n\n# revision 2\ndecision := true\n",
     );
@@ -472,8 +460,8 @@ async fn control_server_down_and_back_under_traffic() {
 async fn registry_api_registers_finds_certifies_and_guards_changes() {
     let dir = Scratch::new("ctl-api");
     let conf = dir.path("mesh");
-    write(&conf.join("policy/authz.rego"), ALLOW);
-    write(&conf.join("mesh.yaml"), &mesh_yaml(9, 9, "llm/mock"));
+    write_file(&conf.join("policy/authz.rego"), ALLOW_ALL);
+    write_file(&conf.join("mesh.yaml"), &mesh_yaml(9, 9, "llm/mock"));
     let control = Control::start(&conf).await;
     let card = json!({"name": "translator", "description": "Translates", "version": "2.0.0",
         "skills": [{"id": "translate", "name": "Translate"}]});
@@ -685,9 +673,8 @@ async fn calls_balance_over_live_instances_and_skill_providers() {
     let dir = Scratch::new("ctl-lb");
     let llm = Fixture::mock_llm(&dir, &[]).await;
     let conf = dir.path("mesh");
-    write(&conf.join("policy/authz.rego"), ALLOW);
-    write(
-        &conf.join("mesh.yaml"),
+    write_file(&conf.join("policy/authz.rego"), ALLOW_ALL);
+    write_file(&conf.join("mesh.yaml"),
         "policies: [{name: standard, path: policy}]\nagents:\n  - {name: planner, calls: {agents: [writer], skills: [summarize]}, policy: standard}\n  - {name: writer, skills: [{id: summarize}], policy: standard}\n  - {name: editor, skills: [{id: summarize}], policy: standard}\n",
     );
     let control = Control::start(&conf).await;

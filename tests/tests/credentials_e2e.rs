@@ -3,7 +3,7 @@
 //! the agent sends is stripped; the value never appears in logs, traces, config dumps, metrics or
 //! decision logs; an upstream naming a credential nobody holds is a config error.
 
-use agentmesh_tests::control::Control;
+use agentmesh_tests::control::{write_file, Control, ALLOW_ALL};
 use agentmesh_tests::echo::Echo;
 use agentmesh_tests::otlp::Receiver;
 use agentmesh_tests::{bin_dir, Scratch, Sidecar};
@@ -140,12 +140,7 @@ async fn a_secret_pushed_by_the_control_server_is_the_credential() {
     let dir = Scratch::new("creds-ctl");
     let echo = Echo::start().await;
     let conf = dir.path("mesh");
-    std::fs::create_dir_all(conf.join("policy")).unwrap();
-    std::fs::write(
-        conf.join("policy/authz.rego"),
-        "package agentmesh.authz\n\ndecision := true\n",
-    )
-    .unwrap();
+    write_file(&conf.join("policy/authz.rego"), ALLOW_ALL);
     std::fs::write(conf.join("openai.key"), HELD).unwrap();
     std::fs::write(
         conf.join("mesh.yaml"),

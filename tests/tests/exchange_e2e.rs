@@ -3,7 +3,7 @@
 //! delegation chain in nested `act` claims — three hops deep here — that the callee's policy
 //! sees; a token replayed at the wrong hop is refused; the token service answers RFC errors.
 
-use agentmesh_tests::control::Control;
+use agentmesh_tests::control::{write_file, Control, ALLOW_ALL};
 use agentmesh_tests::echo::Echo;
 use agentmesh_tests::{Scratch, Sidecar};
 use base64::Engine as _;
@@ -74,12 +74,7 @@ async fn a_users_token_is_exchanged_at_each_hop_with_the_act_chain() {
     .unwrap();
 
     let conf = dir.path("mesh");
-    std::fs::create_dir_all(conf.join("policy")).unwrap();
-    std::fs::write(
-        conf.join("policy/authz.rego"),
-        "package agentmesh.authz\n\ndecision := true\n",
-    )
-    .unwrap();
+    write_file(&conf.join("policy/authz.rego"), ALLOW_ALL);
     let jwks = echo.url("/jwks.json");
     std::fs::write(
         conf.join("mesh.yaml"),

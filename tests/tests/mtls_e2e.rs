@@ -4,27 +4,17 @@
 //! the wrong identity for the name called — each refused with the reason logged; plaintext
 //! refused; and SVID rotation under load without a failed call.
 
-use agentmesh_tests::control::Control;
+use agentmesh_tests::control::{write_file, write_mesh, Control, ALLOW_ALL};
 use agentmesh_tests::{Fixture, Scratch, Sidecar};
 use serde_json::Value;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const ALLOW: &str = "package agentmesh.authz\n\ndecision := true\n";
 
 fn mesh(extra_writer: &str) -> String {
     format!(
         "policies: [{{name: standard, path: policy}}]\nagents:\n  - {{name: planner, calls: {{agents: [writer]}}, policy: standard}}\n  - {{name: writer, policy: standard{extra_writer}}}\n  - {{name: editor, policy: standard}}\n"
     )
-}
-
-fn write(path: &Path, text: &str) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
 }
 
 async fn sidecar(
@@ -125,8 +115,8 @@ async fn sidecars_call_each_other_over_mtls_and_refuse_everyone_else() {
     let dir = Scratch::new("mtls");
     let llm = Fixture::mock_llm(&dir, &[]).await;
     let conf = dir.path("mesh");
-    write(&conf.join("policy/authz.rego"), ALLOW);
-    write(&conf.join("mesh.yaml"), &mesh(""));
+    write_file(&conf.join("policy/authz.rego"), ALLOW_ALL);
+    write_file(&conf.join("mesh.yaml"), &mesh(""));
     let control = Control::start(&conf).await;
     let (wd, pd) = (Scratch::new("mtls-writer"), Scratch::new("mtls-planner"));
     let writer = sidecar(&wd, &control, "writer", Some(llm.port)).await;
@@ -235,13 +225,13 @@ async fn a_peer_with_the_wrong_identity_for_the_name_is_refused() {
     let dir = Scratch::new("mtls-wrong");
     let llm = Fixture::mock_llm(&dir, &[]).await;
     let conf = dir.path("mesh");
-    write(&conf.join("policy/authz.rego"), ALLOW);
-    write(&conf.join("mesh.yaml"), &mesh(""));
+    write_file(&conf.join("policy/authz.rego"), ALLOW_ALL);
+    write_file(&conf.join("mesh.yaml"), &mesh(""));
     let control = Control::start(&conf).await;
     // The editor's sidecar, listed as the writer's endpoint: it answers with the editor's SVID.
     let ed = Scratch::new("mtls-editor");
     let editor = sidecar(&ed, &control, "editor", Some(llm.port)).await;
-    write(
+    write_file(
         &conf.join("mesh.yaml"),
         &mesh(&format!(
             ", endpoints: [\"https://127.0.0.1:{}\"]",
@@ -276,34 +266,53 @@ async fn a_peer_with_the_wrong_identity_for_the_name_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn svids_rotate_under_load_without_a_failed_call() {
-    let dir = Scratch::new("mtls-rotate");
-    let llm = Fixture::mock_llm(&dir, &[]).await;
-    let conf = dir.path("mesh");
-    write(&conf.join("policy/authz.rego"), ALLOW);
-    write(&conf.join("mesh.yaml"), &mesh(""));
-    let mut control = Control::start(&conf).await;
     // Six-second SVIDs: renewed every three seconds.
-    control.kill();
-    let state = control.state_dir.clone();
-    control = Control::start_with(&conf, &state, &["--svid-ttl", "6s"]).await;
-    let (wd, pd) = (
-        Scratch::new("mtls-rot-writer"),
-        Scratch::new("mtls-rot-planner"),
-    );
-    let writer = sidecar(&wd, &control, "writer", Some(llm.port)).await;
-    let planner = sidecar(&pd, &control, "planner", None).await;
-    planner
-        .wait_dump(|d| {
-            d["config"]["upstreams"]
-                .as_array()
-                .is_some_and(|u| u.iter().any(|u| u["name"] == "agents/writer"))
-        })
-        .await;
+    let pair = Pair::start("mtls-rotate", "6s").await;
+    let (writer, planner) = (&pair.writer, &pair.planner);
     let load = Load::start(planner.url("/agents/writer/healthz"));
-    renewed(&writer, &planner, 2).await;
+    renewed(writer, planner, 2).await;
     let (ok, failed) = load.stop().await;
     assert_eq!(failed, 0, "no call failed across rotations");
     assert!(ok > 100);
+}
+
+/// A control server issuing SVIDs that live `ttl`, and two sidecars over mTLS: the planner,
+/// granted the writer, and the writer, whose server is the mock LLM.
+struct Pair {
+    control: Control,
+    writer: Sidecar,
+    planner: Sidecar,
+    _keep: (Scratch, Scratch, Scratch, Fixture),
+}
+
+impl Pair {
+    async fn start(tag: &str, ttl: &str) -> Pair {
+        let dir = Scratch::new(tag);
+        let llm = Fixture::mock_llm(&dir, &[]).await;
+        let conf = dir.path("mesh");
+        write_mesh(&conf, &mesh(""));
+        let control =
+            Control::start_with(&conf, &dir.path("control-state"), &["--svid-ttl", ttl]).await;
+        let (wd, pd) = (
+            Scratch::new(&format!("{tag}-writer")),
+            Scratch::new(&format!("{tag}-planner")),
+        );
+        let writer = sidecar(&wd, &control, "writer", Some(llm.port)).await;
+        let planner = sidecar(&pd, &control, "planner", None).await;
+        planner
+            .wait_dump(|d| {
+                d["config"]["upstreams"]
+                    .as_array()
+                    .is_some_and(|u| u.iter().any(|u| u["name"] == "agents/writer"))
+            })
+            .await;
+        Pair {
+            control,
+            writer,
+            planner,
+            _keep: (dir, wd, pd, llm),
+        }
+    }
 }
 
 /// Calls at a steady pace, opening a new connection now and then so that handshakes with
@@ -366,27 +375,9 @@ async fn renewed(a: &Sidecar, b: &Sidecar, more: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_root_rolls_over_under_load_without_a_failed_call() {
-    let dir = Scratch::new("mtls-rollover");
-    let llm = Fixture::mock_llm(&dir, &[]).await;
-    let conf = dir.path("mesh");
-    write(&conf.join("policy/authz.rego"), ALLOW);
-    write(&conf.join("mesh.yaml"), &mesh(""));
-    let state = dir.path("control-state");
-    let control = Control::start_with(&conf, &state, &["--svid-ttl", "4s"]).await;
-    let first_root = std::fs::read_to_string(state.join("ca.pem")).unwrap();
-    let (wd, pd) = (
-        Scratch::new("mtls-ro-writer"),
-        Scratch::new("mtls-ro-planner"),
-    );
-    let writer = sidecar(&wd, &control, "writer", Some(llm.port)).await;
-    let planner = sidecar(&pd, &control, "planner", None).await;
-    planner
-        .wait_dump(|d| {
-            d["config"]["upstreams"]
-                .as_array()
-                .is_some_and(|u| u.iter().any(|u| u["name"] == "agents/writer"))
-        })
-        .await;
+    let pair = Pair::start("mtls-rollover", "4s").await;
+    let (control, writer, planner) = (&pair.control, &pair.writer, &pair.planner);
+    let first_root = std::fs::read_to_string(control.state_dir.join("ca.pem")).unwrap();
     let load = Load::start(planner.url("/agents/writer/healthz"));
     let step_to = |step: &str| serde_json::json!({ "step": step });
     for (step, phase, roots) in [
@@ -410,7 +401,7 @@ async fn the_root_rolls_over_under_load_without_a_failed_call() {
         );
         // Every sidecar has the new bundle (and, after activation, an SVID from the new root)
         // before the next step.
-        renewed(&writer, &planner, 2).await;
+        renewed(writer, planner, 2).await;
     }
     let (ok, failed) = load.stop().await;
     assert_eq!(failed, 0, "no call failed during the rollover");

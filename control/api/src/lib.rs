@@ -46,3 +46,4 @@ pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result
 
 pub mod identity;
 pub mod jwt;
+pub mod verify;

@@ -14,9 +14,8 @@
 use crate::tls::Root;
 use agentmesh_control_api::write_atomically;
 use arc_swap::ArcSwap;
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::pki_types::{pem::PemObject, CertificateDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::pki_types::{pem::PemObject, CertificateDer};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -105,7 +104,11 @@ impl Authority {
 
     /// A client-certificate verifier that follows the bundle.
     pub fn client_verifier(self: &Arc<Self>) -> Arc<dyn ClientCertVerifier> {
-        Arc::new(Clients(self.clone()))
+        let me = self.clone();
+        agentmesh_control_api::verify::Following::new(
+            move || Ok(me.roots.load().verifier.clone()),
+            false,
+        )
     }
 
     fn file(&self, name: &str) -> PathBuf {
@@ -196,65 +199,5 @@ impl rustls::server::ResolvesServerCert for ServingCert {
                 None
             }
         }
-    }
-}
-
-/// Delegates to the verifier of the current bundle.
-#[derive(Clone)]
-struct Clients(Arc<Authority>);
-
-impl std::fmt::Debug for Clients {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Clients")
-    }
-}
-
-impl ClientCertVerifier for Clients {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        let v = self.0.roots.load().verifier.clone();
-        v.verify_client_cert(end_entity, intermediates, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let v = self.0.roots.load().verifier.clone();
-        v.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let v = self.0.roots.load().verifier.clone();
-        v.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        provider()
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }

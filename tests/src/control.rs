@@ -21,12 +21,14 @@ impl Control {
     /// Starts on fresh ports; the state directory is `<config_dir>/../control-state`.
     pub async fn start(config_dir: &Path) -> Control {
         let state = config_dir.with_file_name("control-state");
-        Self::start_on(config_dir, &state, free_port(), free_port()).await
+        let [xds, api] = crate::free_ports::<2>();
+        Self::start_on(config_dir, &state, xds, api).await
     }
 
     /// Starts on fresh ports with extra flags (e.g. `--svid-ttl 6s`).
     pub async fn start_with(config_dir: &Path, state_dir: &Path, extra: &[&str]) -> Control {
-        Self::launch(config_dir, state_dir, free_port(), free_port(), extra).await
+        let [xds, api] = crate::free_ports::<2>();
+        Self::launch(config_dir, state_dir, xds, api, extra).await
     }
 
     /// Starts on given ports and state (a restart keeps both).

@@ -33,6 +33,15 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// `N` distinct free loopback ports: held open together while chosen, so that no two are the
+/// same (one `free_port` after another can return a port twice).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free loopback port"))
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().expect("bound").port())
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -209,7 +218,7 @@ impl Sidecar {
 
     /// Starts with extra environment variables (e.g. `SSL_CERT_FILE` for the system roots).
     pub async fn start_with_env(dir: &Scratch, body: &str, env: &[(&str, &str)]) -> Sidecar {
-        let (outbound, admin, inbound) = (free_port(), free_port(), free_port());
+        let [outbound, admin, inbound] = free_ports::<3>();
         let config = dir.path("sidecar.yaml");
         std::fs::write(&config, Self::config_text(outbound, admin, inbound, body))
             .expect("write config");
@@ -223,7 +232,7 @@ impl Sidecar {
         agent: &str,
         body: impl Fn(u16, u16, u16) -> String,
     ) -> Sidecar {
-        let (outbound, admin, inbound) = (free_port(), free_port(), free_port());
+        let [outbound, admin, inbound] = free_ports::<3>();
         let config = dir.path("sidecar.yaml");
         let text = Self::config_text_for(
             agent,

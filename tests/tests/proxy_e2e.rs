@@ -488,7 +488,7 @@ async fn a_configmap_style_symlink_swap_is_reloaded() {
     // updates it by pointing a new `..data_tmp` at a new directory and renaming it over `..data`.
     let dir = Scratch::new("configmap");
     let llm = Fixture::mock_llm(&dir, &[]).await;
-    let (outbound, admin, inbound) = (free_port(), free_port(), free_port());
+    let [outbound, admin, inbound] = agentmesh_tests::free_ports::<3>();
     let version = |n: u32, body: &str| {
         let v = dir.path(&format!("..v{n}"));
         std::fs::create_dir_all(&v).unwrap();

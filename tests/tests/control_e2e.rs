@@ -660,6 +660,13 @@ async fn registry_api_registers_finds_certifies_and_guards_changes() {
         "/v1/agents/{name}/certification",
         "/v1/sidecars",
         "/v1/status",
+        "/v1/join-tokens",
+        "/v1/svid",
+        "/v1/trust-bundle",
+        "/v1/ca",
+        "/v1/ca/rollover",
+        "/v1/token",
+        "/v1/jwks",
     ] {
         assert!(
             doc["paths"][path].is_object(),

@@ -312,3 +312,99 @@ async fn each_refusal_has_its_reason() {
         .unwrap()
         .contains("BEGIN CERTIFICATE"));
 }
+
+/// A discovery stream over mTLS with `agent`'s SVID (key and PEM certificate), subscribing as
+/// `node_agent`: the first response, or the stream's error.
+async fn subscribe(
+    control: &Control,
+    cert_pem: &str,
+    key: &rcgen::KeyPair,
+    node_agent: &str,
+) -> Result<agentmesh_control_api::discovery::DeltaDiscoveryResponse, tonic::Status> {
+    use agentmesh_control_api::discovery::{
+        aggregated_discovery_service_client::AggregatedDiscoveryServiceClient as Client,
+        DeltaDiscoveryRequest, Node,
+    };
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(control.state_dir.join("ca.pem")).unwrap();
+    for c in CertificateDer::pem_slice_iter(&ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let port = control.xds;
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let tls = tls.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let s = tls.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+        }
+    });
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .expect("a TLS connection to the discovery port");
+    let first = DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: format!("test-{node_agent}"),
+            agent: node_agent.into(),
+            namespace: "default".into(),
+            ..Default::default()
+        }),
+        type_url: agentmesh_control_api::TYPE_URL.into(),
+        ..Default::default()
+    };
+    let mut inbound = Client::new(channel)
+        .delta_resources(tokio_stream::iter(vec![first]))
+        .await?
+        .into_inner();
+    inbound
+        .message()
+        .await?
+        .ok_or_else(|| tonic::Status::unknown("the stream ended"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discovery_stream_is_bound_to_the_agent_its_svid_names() {
+    let dir = Scratch::new("ca-bind");
+    let conf = dir.path("mesh");
+    agentmesh_tests::control::write_mesh(
+        &conf,
+        "secrets: [{name: k, env: PATH}]\npolicies: [{name: p, path: policy}]\nagents:\n  - {name: planner, policy: p, secrets: [k]}\n  - {name: writer, namespace: team}\n",
+    );
+    let control = Control::start(&conf).await;
+    let token = cli_token(&control, "planner", "default", "1h");
+    let (key, csr) = csr_for("spiffe://mesh.local/ns/default/agent/planner");
+    let (s, v) = svid(&control, &json!({"csr": csr, "join_token": token}), None)
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
+    let cert = v["certificate"].as_str().unwrap().to_string();
+
+    // As itself, over mTLS: its grant, secret included.
+    let first = subscribe(&control, &cert, &key, "planner").await.unwrap();
+    let names: Vec<&str> = first.resources.iter().map(|r| r.name.as_str()).collect();
+    assert!(names.contains(&"secret/k"), "{names:?}");
+    // Claiming another agent with this SVID: refused.
+    let e = subscribe(&control, &cert, &key, "writer")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("planner"), "{e}");
+}

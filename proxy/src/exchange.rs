@@ -16,13 +16,6 @@ pub struct Exchanger {
     cache: moka::sync::Cache<(String, String), (Arc<str>, Instant)>,
 }
 
-fn subject_key(token: &str) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    token.hash(&mut h);
-    format!("{:016x}{}", h.finish(), token.len())
-}
-
 impl Exchanger {
     pub fn new(identity: Arc<Identity>) -> Exchanger {
         Exchanger {
@@ -36,7 +29,8 @@ impl Exchanger {
 
     /// A token for `audience` in place of `subject`.
     pub async fn token(&self, subject: &str, audience: &str) -> Result<Arc<str>, String> {
-        let key = (subject_key(subject), audience.to_string());
+        // Keyed by the token itself: no digest collision can hand one caller another's token.
+        let key = (subject.to_string(), audience.to_string());
         if let Some((t, until)) = self.cache.get(&key) {
             if Instant::now() < until {
                 return Ok(t);

@@ -129,6 +129,12 @@ impl Control {
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
+    /// `POST path` with a JSON body; `auth`: send the admin token.
+    pub async fn post(&self, path: &str, body: &Value, auth: bool) -> (u16, Value) {
+        self.call(reqwest::Method::POST, path, Some(body), auth)
+            .await
+    }
+
     pub async fn get(&self, path: &str) -> Value {
         let (status, v) = self.call(reqwest::Method::GET, path, None, false).await;
         assert_eq!(status, 200, "GET {path}: {v}");

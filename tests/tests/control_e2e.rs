@@ -490,12 +490,7 @@ async fn registry_api_registers_finds_certifies_and_guards_changes() {
 
     // Bad input gets a precise error.
     let (s, v) = control
-        .call(
-            Method::POST,
-            "/v1/agents",
-            Some(&json!({"name": "Bad Name"})),
-            true,
-        )
+        .post("/v1/agents", &json!({"name": "Bad Name"}), true)
         .await;
     assert_eq!(s, 400, "{v}");
     assert!(
@@ -506,21 +501,15 @@ async fn registry_api_registers_finds_certifies_and_guards_changes() {
         "{v}"
     );
     let (s, v) = control
-        .call(
-            Method::POST,
+        .post(
             "/v1/agents",
-            Some(&json!({"name": "sneaky", "calls": {"upstreams": ["llm/mock"]}})),
+            &json!({"name": "sneaky", "calls": {"upstreams": ["llm/mock"]}}),
             true,
         )
         .await;
     assert_eq!(s, 400, "grants come from config: {v}");
     let (s, v) = control
-        .call(
-            Method::POST,
-            "/v1/agents",
-            Some(&json!({"name": "writer"})),
-            true,
-        )
+        .post("/v1/agents", &json!({"name": "writer"}), true)
         .await;
     assert_eq!(s, 409, "{v}");
 

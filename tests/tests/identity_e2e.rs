@@ -5,7 +5,6 @@
 use agentmesh_control_api::identity::{agent_id_of, spiffe_ids_of};
 use agentmesh_tests::control::Control;
 use agentmesh_tests::Scratch;
-use reqwest::Method;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::Duration;
@@ -228,10 +227,9 @@ async fn each_refusal_has_its_reason() {
 
     // Expired.
     let (s, t) = control
-        .call(
-            Method::POST,
+        .post(
             "/v1/join-tokens",
-            Some(&json!({"agent": "planner", "ttl_seconds": 1})),
+            &json!({"agent": "planner", "ttl_seconds": 1}),
             true,
         )
         .await;
@@ -279,30 +277,15 @@ async fn each_refusal_has_its_reason() {
 
     // Tokens: admin only, for known agents, in their namespace.
     let (s, _) = control
-        .call(
-            Method::POST,
-            "/v1/join-tokens",
-            Some(&json!({"agent": "planner"})),
-            false,
-        )
+        .post("/v1/join-tokens", &json!({"agent": "planner"}), false)
         .await;
     assert_eq!(s, 401);
     let (s, _) = control
-        .call(
-            Method::POST,
-            "/v1/join-tokens",
-            Some(&json!({"agent": "nobody"})),
-            true,
-        )
+        .post("/v1/join-tokens", &json!({"agent": "nobody"}), true)
         .await;
     assert_eq!(s, 404);
     let (s, v) = control
-        .call(
-            Method::POST,
-            "/v1/join-tokens",
-            Some(&json!({"agent": "writer"})),
-            true,
-        )
+        .post("/v1/join-tokens", &json!({"agent": "writer"}), true)
         .await;
     assert_eq!(s, 400, "writer lives in namespace team: {v}");
     let bundle = control.get("/v1/trust-bundle").await;

@@ -385,14 +385,7 @@ async fn the_root_rolls_over_under_load_without_a_failed_call() {
         ("activate", "rolled", 2),
         ("retire", "steady", 1),
     ] {
-        let (s, v) = control
-            .call(
-                reqwest::Method::POST,
-                "/v1/ca/rollover",
-                Some(&step_to(step)),
-                true,
-            )
-            .await;
+        let (s, v) = control.post("/v1/ca/rollover", &step_to(step), true).await;
         assert_eq!(s, 200, "{step}: {v}");
         assert_eq!(
             (v["phase"].as_str(), v["roots"].as_u64()),
@@ -413,21 +406,11 @@ async fn the_root_rolls_over_under_load_without_a_failed_call() {
         "a new root signs"
     );
     let (s, v) = control
-        .call(
-            reqwest::Method::POST,
-            "/v1/ca/rollover",
-            Some(&step_to("activate")),
-            true,
-        )
+        .post("/v1/ca/rollover", &step_to("activate"), true)
         .await;
     assert_eq!(s, 409, "nothing staged: {v}");
     let (s, _) = control
-        .call(
-            reqwest::Method::POST,
-            "/v1/ca/rollover",
-            Some(&step_to("stage")),
-            false,
-        )
+        .post("/v1/ca/rollover", &step_to("stage"), false)
         .await;
     assert_eq!(s, 401, "admin only");
 }

@@ -6,5 +6,6 @@
 pub mod manifest;
 pub mod mcp_server;
 pub mod mock_llm;
+pub mod runner;
 pub mod serve;
 pub mod store;

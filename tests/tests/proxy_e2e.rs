@@ -2,7 +2,7 @@
 //! failures and their JSON answers, retries, circuit breaking, timeouts, h2c, TLS + h2
 //! origination, WebSocket, inbound, and hot reload.
 
-use agentmesh_tests::{free_port, Fixture, Scratch, Sidecar};
+use agentmesh_tests::{Fixture, Scratch, Sidecar};
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -71,7 +71,9 @@ async fn routes_by_path_and_host_and_refuses_unknown_names() {
 async fn connect_failures_retry_then_open_the_circuit() {
     let dir = Scratch::new("breaker");
     let llm = Fixture::mock_llm(&dir, &[]).await;
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    // Port 1: nothing listens there, so connections are refused (a free port picked now could
+    // be taken by another suite's server by the time it is dialled).
+    let dead = "http://127.0.0.1:1".to_string();
     let sc = Sidecar::start(
         &dir,
         &format!(
@@ -415,11 +417,8 @@ async fn a_taken_port_stops_the_start_with_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let cfg = dir.path("c.yaml");
-    std::fs::write(
-        &cfg,
-        Sidecar::config_text(port, free_port(), free_port(), ""),
-    )
-    .unwrap();
+    let [admin, inbound] = agentmesh_tests::free_ports::<2>();
+    std::fs::write(&cfg, Sidecar::config_text(port, admin, inbound, "")).unwrap();
     let out = std::process::Command::new(agentmesh_tests::bin_dir().join("agentmesh-proxy"))
         .args(["--config", cfg.to_str().unwrap()])
         .output()

@@ -4,6 +4,7 @@
 //! runtime rather than planned by the model. Parsed and validated at load; every error names the
 //! file, the line (for YAML faults) and the field.
 
+use agentmesh_control_api::upstream::is_dns_label;
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -139,14 +140,6 @@ pub enum ManifestError {
     },
 }
 
-fn is_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && !s.starts_with('-')
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
-}
-
 impl Manifest {
     /// Reads and validates a manifest file; the store path is made relative to it.
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
@@ -186,7 +179,7 @@ impl Manifest {
     /// What types alone cannot check; `(field, message)` on the first fault.
     fn validate(&self) -> Result<(), (String, String)> {
         let name = |field: String, v: &str| {
-            if is_name(v) {
+            if is_dns_label(v) {
                 Ok(())
             } else {
                 Err((

@@ -138,21 +138,12 @@ impl Store {
     }
 
     pub fn task(&self, id: &str) -> Result<Option<Task>, StoreError> {
-        let db = self.db();
-        let row = db
+        let row = self
+            .db()
             .query_row(
-                "SELECT id, status, step, messages, question, updated_at_ms FROM tasks WHERE id = ?1",
+                &format!("SELECT {COLUMNS} FROM tasks WHERE id = ?1"),
                 params![id],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, u32>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, Option<String>>(4)?,
-                        r.get::<_, i64>(5)?,
-                    ))
-                },
+                read_row,
             )
             .optional()?;
         row.map(to_task).transpose()
@@ -161,20 +152,11 @@ impl Store {
     /// Tasks that have not finished, oldest first: what a restarted agent resumes.
     pub fn open_tasks(&self) -> Result<Vec<Task>, StoreError> {
         let db = self.db();
-        let mut stmt = db.prepare(
-            "SELECT id, status, step, messages, question, updated_at_ms FROM tasks
-             WHERE status IN ('working', 'input-required') ORDER BY updated_at_ms, id",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, u32>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, Option<String>>(4)?,
-                r.get::<_, i64>(5)?,
-            ))
-        })?;
+        let mut stmt = db.prepare(&format!(
+            "SELECT {COLUMNS} FROM tasks
+             WHERE status IN ('working', 'input-required') ORDER BY updated_at_ms, id"
+        ))?;
+        let rows = stmt.query_map([], read_row)?;
         rows.map(|r| to_task(r?)).collect()
     }
 
@@ -223,6 +205,20 @@ impl Store {
 }
 
 type Row = (String, String, u32, String, Option<String>, i64);
+
+/// The columns a task is read from, in `Row`'s order.
+const COLUMNS: &str = "id, status, step, messages, question, updated_at_ms";
+
+fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
+}
 
 fn to_task((id, status, step, messages, question, at): Row) -> Result<Task, StoreError> {
     Ok(Task {

@@ -4,7 +4,7 @@
 //! visible in the API, the control server killed and restarted under traffic, a sidecar
 //! restarted while the control server is down, and the registry API.
 
-use agentmesh_tests::control::{write_file, Control, ALLOW_ALL};
+use agentmesh_tests::control::{write_file, write_mesh, Control};
 use agentmesh_tests::{post_json, Fixture, Scratch, Sidecar};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -130,11 +130,7 @@ async fn grants_routes_and_live_changes_reach_each_sidecar() {
     let llm = Fixture::mock_llm(&dir, &[]).await;
     let tools = Fixture::mcp_tools(&dir).await;
     let conf = dir.path("mesh");
-    write_file(&conf.join("policy/authz.rego"), ALLOW_ALL);
-    write_file(
-        &conf.join("mesh.yaml"),
-        &mesh_yaml(llm.port, tools.port, "llm/mock"),
-    );
+    write_mesh(&conf, &mesh_yaml(llm.port, tools.port, "llm/mock"));
     let control = Control::start(&conf).await;
 
     // The writer serves plain HTTP (the mock LLM stands in for its server).
@@ -295,11 +291,7 @@ async fn grants_routes_and_live_changes_reach_each_sidecar() {
     assert!(v.to_string().contains("frozen by the security team"), "{v}");
 
     // A grant taken away is removed from the sidecar (a delta removal).
-    write_file(&conf.join("policy/authz.rego"), ALLOW_ALL);
-    write_file(
-        &conf.join("mesh.yaml"),
-        &mesh_yaml(llm.port, tools.port, ""),
-    );
+    write_mesh(&conf, &mesh_yaml(llm.port, tools.port, ""));
     planner
         .wait_dump(|d| !upstream_names(d).contains(&"llm/mock".to_string()))
         .await;
@@ -321,8 +313,7 @@ async fn a_nacked_version_never_replaces_the_last_good_one() {
     let dir = Scratch::new("ctl-nack");
     let llm = Fixture::mock_llm(&dir, &[]).await;
     let conf = dir.path("mesh");
-    write_file(&conf.join("policy/authz.rego"), ALLOW_ALL);
-    write_file(&conf.join("mesh.yaml"), &mesh_yaml(llm.port, 9, "llm/mock"));
+    write_mesh(&conf, &mesh_yaml(llm.port, 9, "llm/mock"));
     let control = Control::start(&conf).await;
     // This sidecar runs the bytecode engine, which does not take `with`: a policy the control
     // server accepts (it checks with the interpreter) and this sidecar must refuse.
@@ -394,8 +385,7 @@ async fn control_server_down_and_back_under_traffic() {
     let dir = Scratch::new("ctl-restart");
     let llm = Fixture::mock_llm(&dir, &[]).await;
     let conf = dir.path("mesh");
-    write_file(&conf.join("policy/authz.rego"), ALLOW_ALL);
-    write_file(&conf.join("mesh.yaml"), &mesh_yaml(llm.port, 9, "llm/mock"));
+    write_mesh(&conf, &mesh_yaml(llm.port, 9, "llm/mock"));
     let mut control = Control::start(&conf).await;
     let pdir = Scratch::new("ctl-restart-planner");
     let mut planner = sidecar(&pdir, "planner", &control, "delta", "").await;
@@ -460,8 +450,7 @@ async fn control_server_down_and_back_under_traffic() {
 async fn registry_api_registers_finds_certifies_and_guards_changes() {
     let dir = Scratch::new("ctl-api");
     let conf = dir.path("mesh");
-    write_file(&conf.join("policy/authz.rego"), ALLOW_ALL);
-    write_file(&conf.join("mesh.yaml"), &mesh_yaml(9, 9, "llm/mock"));
+    write_mesh(&conf, &mesh_yaml(9, 9, "llm/mock"));
     let control = Control::start(&conf).await;
     let card = json!({"name": "translator", "description": "Translates", "version": "2.0.0",
         "skills": [{"id": "translate", "name": "Translate"}]});
@@ -669,10 +658,7 @@ async fn calls_balance_over_live_instances_and_skill_providers() {
     let dir = Scratch::new("ctl-lb");
     let llm = Fixture::mock_llm(&dir, &[]).await;
     let conf = dir.path("mesh");
-    write_file(&conf.join("policy/authz.rego"), ALLOW_ALL);
-    write_file(&conf.join("mesh.yaml"),
-        "policies: [{name: standard, path: policy}]\nagents:\n  - {name: planner, calls: {agents: [writer], skills: [summarize]}, policy: standard}\n  - {name: writer, skills: [{id: summarize}], policy: standard}\n  - {name: editor, skills: [{id: summarize}], policy: standard}\n",
-    );
+    write_mesh(&conf, "policies: [{name: standard, path: policy}]\nagents:\n  - {name: planner, calls: {agents: [writer], skills: [summarize]}, policy: standard}\n  - {name: writer, skills: [{id: summarize}], policy: standard}\n  - {name: editor, skills: [{id: summarize}], policy: standard}\n",);
     let control = Control::start(&conf).await;
     let inbound = format!(
         "inbound: {{forward_to: \"127.0.0.1:{}\", kind: http, allow_plaintext: true}}\n",

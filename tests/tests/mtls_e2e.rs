@@ -4,7 +4,7 @@
 //! the wrong identity for the name called — each refused with the reason logged; plaintext
 //! refused; and SVID rotation under load without a failed call.
 
-use agentmesh_tests::control::{write_file, write_mesh, Control, ALLOW_ALL};
+use agentmesh_tests::control::{write_file, write_mesh, Control};
 use agentmesh_tests::{Fixture, Scratch, Sidecar};
 use serde_json::Value;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -115,8 +115,7 @@ async fn sidecars_call_each_other_over_mtls_and_refuse_everyone_else() {
     let dir = Scratch::new("mtls");
     let llm = Fixture::mock_llm(&dir, &[]).await;
     let conf = dir.path("mesh");
-    write_file(&conf.join("policy/authz.rego"), ALLOW_ALL);
-    write_file(&conf.join("mesh.yaml"), &mesh(""));
+    write_mesh(&conf, &mesh(""));
     let control = Control::start(&conf).await;
     let (wd, pd) = (Scratch::new("mtls-writer"), Scratch::new("mtls-planner"));
     let writer = sidecar(&wd, &control, "writer", Some(llm.port)).await;
@@ -225,8 +224,7 @@ async fn a_peer_with_the_wrong_identity_for_the_name_is_refused() {
     let dir = Scratch::new("mtls-wrong");
     let llm = Fixture::mock_llm(&dir, &[]).await;
     let conf = dir.path("mesh");
-    write_file(&conf.join("policy/authz.rego"), ALLOW_ALL);
-    write_file(&conf.join("mesh.yaml"), &mesh(""));
+    write_mesh(&conf, &mesh(""));
     let control = Control::start(&conf).await;
     // The editor's sidecar, listed as the writer's endpoint: it answers with the editor's SVID.
     let ed = Scratch::new("mtls-editor");

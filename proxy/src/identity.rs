@@ -451,9 +451,32 @@ pub fn peer_verifier(identity: Arc<Identity>) -> Arc<dyn ClientCertVerifier> {
 #[derive(Debug, Clone)]
 pub struct Peer(pub Result<AgentId, String>);
 
-/// Reads the peer's SPIFFE ID once its certificate was verified; only TLS 1.3 connections
-/// carry one.
-pub struct PeerIdentity;
+/// Reads the peer's SPIFFE ID once its certificate was verified (only TLS 1.3 connections
+/// carry one) and counts the handshake, full or resumed.
+///
+/// A resumed session carries the certificate of the handshake that made it, up to a day old:
+/// it is verified again against the current trust bundle and clock, so resumption never
+/// outlives the certificate's validity or its root's retirement.
+pub struct PeerIdentity {
+    pub identity: Arc<Identity>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl PeerIdentity {
+    fn still_valid(&self, chain: &[CertificateDer<'static>]) -> Result<(), String> {
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or_else(|| "no client certificate".to_string())?;
+        let svid = self
+            .identity
+            .current()
+            .ok_or_else(|| "this sidecar has no SVID yet".to_string())?;
+        svid.verifier
+            .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| format!("the resumed session's certificate is no longer valid: {e}"))
+    }
+}
 
 #[async_trait]
 impl pingora::listeners::TlsAccept for PeerIdentity {
@@ -470,10 +493,15 @@ impl pingora::listeners::TlsAccept for PeerIdentity {
                 tls.version().unwrap_or("this protocol")
             ))
         } else {
-            tls.peer_certificate_der()
-                .ok_or_else(|| "no client certificate".to_string())
-                .and_then(agent_id_of)
+            match tls.peer_cert_chain_der() {
+                Some(chain) if tls.resumed() => self
+                    .still_valid(chain)
+                    .and_then(|()| agent_id_of(chain[0].as_ref())),
+                Some([leaf, ..]) => agent_id_of(leaf.as_ref()),
+                _ => Err("no client certificate".to_string()),
+            }
         };
+        self.metrics.tls_handshake(tls.resumed());
         Some(Arc::new(Peer(peer)))
     }
 }

@@ -221,6 +221,7 @@ pub struct Metrics {
     token_usage: Family<Histogram>,
     operation_duration: Family<Histogram>,
     cost: Family<Counter>,
+    tls_handshakes: Family<Counter>,
     models: ModelGuard,
 }
 
@@ -297,6 +298,12 @@ impl Default for Metrics {
                 &["source", "gen_ai_provider_name", "gen_ai_request_model"],
                 &[],
             ),
+            tls_handshakes: Family::new(
+                "agentmesh_inbound_tls_handshakes_total",
+                "Completed mTLS handshakes on the inbound listener: full, or resumed (an earlier session, no certificates exchanged).",
+                &["handshake"],
+                &[],
+            ),
             models: ModelGuard::default(),
         }
     }
@@ -332,6 +339,12 @@ impl Metrics {
             self.policy_errors
                 .with(&[source, &rec.target, kind], |c| c.0 += 1.0);
         }
+    }
+
+    /// Counts one completed inbound mTLS handshake.
+    pub fn tls_handshake(&self, resumed: bool) {
+        let kind = if resumed { "resumed" } else { "full" };
+        self.tls_handshakes.with(&[kind], |c| c.0 += 1.0);
     }
 
     /// Counts one finished call.
@@ -390,6 +403,7 @@ impl Metrics {
         self.token_usage.render(&mut out);
         self.operation_duration.render(&mut out);
         self.cost.render(&mut out);
+        self.tls_handshakes.render(&mut out);
         out
     }
 }

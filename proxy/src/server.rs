@@ -160,7 +160,10 @@ pub fn build(
             // mTLS: its certificate is the current SVID, peers' certificates must chain to the
             // trust bundle, and each connection carries the peer's SPIFFE ID.
             Some(id) => {
-                let mut tls = TlsSettings::with_callbacks(Box::new(PeerIdentity))?;
+                let mut tls = TlsSettings::with_callbacks(Box::new(PeerIdentity {
+                    identity: id.clone(),
+                    metrics: metrics.clone(),
+                }))?;
                 tls.set_cert_resolver(Arc::new(ServerCert(id.clone())));
                 tls.set_client_cert_verifier(peer_verifier(id.clone()));
                 tls.enable_h2();

@@ -2,7 +2,8 @@
 //! between two agents with the caller's SPIFFE ID reaching the callee's policy input; peers
 //! with no certificate, a certificate from another CA, an expired one, a non-agent SPIFFE ID, or
 //! the wrong identity for the name called — each refused with the reason logged; plaintext
-//! refused; and SVID rotation under load without a failed call.
+//! refused; TLS sessions between sidecars resumed; and SVID rotation under load without a
+//! failed call.
 
 use agentmesh_tests::control::{write_file, write_mesh, Control};
 use agentmesh_tests::{Fixture, Scratch, Sidecar};
@@ -80,16 +81,18 @@ fn now() -> i64 {
         .as_secs() as i64
 }
 
-/// Calls the writer's inbound port directly, as a foreign sidecar would.
-async fn call_inbound(
+/// A client of the writer's inbound port, as a foreign sidecar would be: trusting the mesh's
+/// root, presenting `identity`, a new connection for every call (TLS sessions are resumed).
+fn inbound_client(
     control: &Control,
     port: u16,
     identity: Option<reqwest::Identity>,
-) -> Result<(u16, Value), String> {
+) -> reqwest::Client {
     let ca = std::fs::read(control.state_dir.join("ca.pem")).unwrap();
     let mut b = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
         .tls_built_in_root_certs(false)
+        .pool_max_idle_per_host(0)
         .resolve(
             "writer.default.agent.mesh.local",
             ([127, 0, 0, 1], port).into(),
@@ -97,9 +100,11 @@ async fn call_inbound(
     if let Some(i) = identity {
         b = b.identity(i);
     }
-    let r = b
-        .build()
-        .unwrap()
+    b.build().unwrap()
+}
+
+async fn call_with(client: &reqwest::Client, port: u16) -> Result<(u16, Value), String> {
+    let r = client
         .get(format!(
             "https://writer.default.agent.mesh.local:{port}/healthz"
         ))
@@ -108,6 +113,15 @@ async fn call_inbound(
         .map_err(|e| format!("{e:?}"))?;
     let status = r.status().as_u16();
     Ok((status, r.json().await.unwrap_or(Value::Null)))
+}
+
+/// Calls the writer's inbound port directly, as a foreign sidecar would.
+async fn call_inbound(
+    control: &Control,
+    port: u16,
+    identity: Option<reqwest::Identity>,
+) -> Result<(u16, Value), String> {
+    call_with(&inbound_client(control, port, identity), port).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,6 +170,38 @@ async fn sidecars_call_each_other_over_mtls_and_refuse_everyone_else() {
         out[0]["input"]["source"]["spiffe_id"],
         "spiffe://mesh.local/ns/default/agent/planner"
     );
+
+    // Session resumption: three overlapping calls need two connections besides the pooled one;
+    // both resume the first session (its tickets), and the caller is still known on each.
+    let slow = |_| async {
+        reqwest::Client::new()
+            .get(planner.url("/agents/writer/v1/models"))
+            .header("x-mock-delay-ms", "300")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let statuses = futures::future::join_all((0..3).map(slow)).await;
+    assert_eq!(statuses, [200, 200, 200]);
+    let calls = writer.wait_calls(4).await;
+    assert!(calls.iter().all(|c| c["source"] == "planner"), "{calls:?}");
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", writer.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let handshakes = |kind: &str| {
+        let series = format!("agentmesh_inbound_tls_handshakes_total{{handshake=\"{kind}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .map_or(0.0, |v| v.parse::<f64>().unwrap())
+    };
+    assert_eq!(handshakes("full"), 1.0, "{metrics}");
+    assert_eq!(handshakes("resumed"), 2.0, "{metrics}");
 
     // No client certificate: the handshake completes, the call is refused with the reason.
     let (s, v) = call_inbound(&control, writer.inbound, None).await.unwrap();
@@ -214,6 +260,22 @@ async fn sidecars_call_each_other_over_mtls_and_refuse_everyone_else() {
         || log_of(&wd),
     )
     .await;
+    // A resumed session is verified again: a certificate that expired since the handshake
+    // that made the session is refused on resumption, though no certificate is exchanged.
+    let short = client_cert(planner_id, Some((&ca_pem, &ca_key)), now() - 60, now() + 2);
+    let client = inbound_client(&control, writer.inbound, Some(short));
+    let (s, v) = call_with(&client, writer.inbound).await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (s, v) = call_with(&client, writer.inbound).await.unwrap();
+    assert_eq!(s, 401, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the resumed session's certificate is no longer valid"),
+        "{v}"
+    );
     // Plaintext to the mTLS port gets nowhere.
     let plain = reqwest::get(format!("http://127.0.0.1:{}/healthz", writer.inbound)).await;
     assert!(plain.is_err() || !plain.unwrap().status().is_success());

@@ -1,8 +1,13 @@
 //! agentmesh agent runtime crate. Today it holds the deterministic fixtures that stand in for
 //! paid external services in tests and the demo: `mock_llm` (OpenAI/Anthropic-compatible) and
 //! `mcp_server` (a sample MCP tool server), served by `serve`; and the first part of the agent
-//! runtime itself: `manifest` (what an agent is) and `store` (durable task state).
+//! runtime itself (`agentmesh-agent`): `manifest` (what an agent is), `store` (durable task
+//! state), `runner` (model-planned loop and workflows), `a2a` (the protocol's shapes and client),
+//! `agent` (the A2A server) and `clock`.
 
+pub mod a2a;
+pub mod agent;
+pub mod clock;
 pub mod manifest;
 pub mod mcp_server;
 pub mod mock_llm;

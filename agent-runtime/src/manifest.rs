@@ -40,6 +40,13 @@ pub struct Manifest {
     /// Fixed steps run by the runtime; without them the model plans with its tools.
     #[serde(default)]
     pub workflow: Vec<Step>,
+    /// How long a task waits for a human's answer before it fails (default 72h).
+    #[serde(default = "default_expiry", with = "humantime_serde")]
+    pub questions_expire_after: std::time::Duration,
+}
+
+fn default_expiry() -> std::time::Duration {
+    std::time::Duration::from_secs(72 * 3600)
 }
 
 fn default_namespace() -> String {
@@ -202,6 +209,12 @@ impl Manifest {
         }
         for (i, t) in self.tools.iter().enumerate() {
             name(format!("tools[{i}]"), t)?;
+            if t == "agent" || t == "skill" || t.contains("__") {
+                return Err((
+                    format!("tools[{i}]"),
+                    format!("`{t}` is reserved (the model's functions are `<server>__<tool>`, `agent__<name>`, `skill__<id>`)"),
+                ));
+            }
         }
         for (i, c) in self.collaborators.iter().enumerate() {
             match (&c.agent, &c.skill) {

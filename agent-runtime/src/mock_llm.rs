@@ -26,7 +26,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// One scripted behaviour: when the last user text contains `match`, answer with `reply` or
-/// call `tool_call`.
+/// call `tool_call`. With `after_tool`, the rule is tried instead on a tool's result (when the
+/// last message is one), so a script can chain calls.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
@@ -36,6 +37,8 @@ pub struct Rule {
     pub reply: Option<String>,
     #[serde(default)]
     pub tool_call: Option<ToolCall>,
+    #[serde(default)]
+    pub after_tool: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -178,9 +181,7 @@ fn decide(script: &Script, req: &Value) -> Answer {
                 c.iter()
                     .any(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
             });
-    if is_tool_result {
-        return Answer::Text(format!("The tool answered: {}", text_of(&last)));
-    }
+    let result = is_tool_result.then(|| text_of(&last));
     let user = msgs
         .iter()
         .rev()
@@ -204,7 +205,11 @@ fn decide(script: &Script, req: &Value) -> Answer {
         arguments,
     };
     for rule in &script.rules {
-        if user.contains(&rule.pattern) {
+        let seen = match &result {
+            Some(r) => rule.after_tool && r.contains(&rule.pattern),
+            None => !rule.after_tool && user.contains(&rule.pattern),
+        };
+        if seen {
             if let Some(tc) = &rule.tool_call {
                 return call(&tc.name, tc.arguments.clone());
             }
@@ -212,6 +217,9 @@ fn decide(script: &Script, req: &Value) -> Answer {
                 return Answer::Text(r.clone());
             }
         }
+    }
+    if let Some(r) = result {
+        return Answer::Text(format!("The tool answered: {r}"));
     }
     if let Some(t) = tools.iter().find(|t| user.contains(t.as_str())) {
         return call(t, json!({}));

@@ -64,9 +64,33 @@ pub struct Task {
     pub step: u32,
     /// The conversation so far (chat messages, as JSON).
     pub messages: Vec<Value>,
-    /// When a human's answer is awaited: what was asked.
+    /// What the task says of its state (A2A's status message): the question a human is asked,
+    /// why it failed, or which step of a workflow runs.
     pub question: Option<String>,
     pub updated_at_ms: u64,
+    /// What the A2A side keeps with the task.
+    pub meta: TaskMeta,
+}
+
+/// A task's A2A attributes: its context, and where its changes are pushed.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TaskMeta {
+    #[serde(default)]
+    pub context_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<PushConfig>,
+    /// The W3C trace context every call of the task carries (the caller's, or the task's own).
+    #[serde(default)]
+    pub traceparent: String,
+}
+
+/// A push-notification target: a mesh name (`agents/<agent>/<path>` or `http/<name>/<path>`)
+/// reached through the sidecar, and the token sent with each notification.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PushConfig {
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +116,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     step INTEGER NOT NULL,
     messages TEXT NOT NULL,
     question TEXT,
-    updated_at_ms INTEGER NOT NULL
+    updated_at_ms INTEGER NOT NULL,
+    meta TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS calls (
     task_id TEXT NOT NULL,
@@ -120,18 +145,21 @@ impl Store {
     pub fn checkpoint(&self, task: &Task) -> Result<(), StoreError> {
         let messages = serde_json::to_string(&task.messages)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let meta =
+            serde_json::to_string(&task.meta).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.db().execute(
-            "INSERT INTO tasks (id, status, step, messages, question, updated_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+            "INSERT INTO tasks (id, status, step, messages, question, updated_at_ms, meta)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT(id) DO UPDATE SET status = ?2, step = ?3, messages = ?4, question = ?5,
-                 updated_at_ms = ?6",
+                 updated_at_ms = ?6, meta = ?7",
             params![
                 task.id,
                 task.status.as_str(),
                 task.step,
                 messages,
                 task.question,
-                task.updated_at_ms as i64
+                task.updated_at_ms as i64,
+                meta
             ],
         )?;
         Ok(())
@@ -204,10 +232,10 @@ impl Store {
     }
 }
 
-type Row = (String, String, u32, String, Option<String>, i64);
+type Row = (String, String, u32, String, Option<String>, i64, String);
 
 /// The columns a task is read from, in `Row`'s order.
-const COLUMNS: &str = "id, status, step, messages, question, updated_at_ms";
+const COLUMNS: &str = "id, status, step, messages, question, updated_at_ms, meta";
 
 fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok((
@@ -217,14 +245,16 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         r.get(3)?,
         r.get(4)?,
         r.get(5)?,
+        r.get(6)?,
     ))
 }
 
-fn to_task((id, status, step, messages, question, at): Row) -> Result<Task, StoreError> {
+fn to_task((id, status, step, messages, question, at, meta): Row) -> Result<Task, StoreError> {
+    let corrupt = |e: serde_json::Error| StoreError::Corrupt(e.to_string());
     Ok(Task {
         status: Status::parse(&status)?,
-        messages: serde_json::from_str(&messages)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        messages: serde_json::from_str(&messages).map_err(corrupt)?,
+        meta: serde_json::from_str(&meta).map_err(corrupt)?,
         id,
         step,
         question,
@@ -265,6 +295,7 @@ mod tests {
             messages: vec![json!({"role": "user", "content": "research X"})],
             question: None,
             updated_at_ms: 1,
+            meta: TaskMeta::default(),
         };
         store.checkpoint(&t).unwrap();
         // Step 0 calls a tool, records it, moves on; step 1 is committed before it runs.
@@ -319,6 +350,7 @@ mod tests {
             messages: vec![],
             question: Some("Publish to the blog?".into()),
             updated_at_ms: 10,
+            meta: TaskMeta::default(),
         };
         store.checkpoint(&t).unwrap();
         drop(store);

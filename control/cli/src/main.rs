@@ -5,6 +5,7 @@
 
 mod policy;
 mod registry;
+mod up;
 mod watch;
 
 use clap::{Parser, Subcommand};
@@ -18,6 +19,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the whole local mesh demo: control server, mock LLM, MCP tool servers, three agents
+    /// with their sidecars, and a sample conversation; stays up until Ctrl-C.
+    Up(up::UpArgs),
     /// Write, test and try Rego policies.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -37,6 +41,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
+        Command::Up(args) => runtime().and_then(|rt| rt.block_on(up::up(args))),
         Command::Policy(cmd) => policy::run(cmd),
         Command::Tap(args) => runtime().and_then(|rt| rt.block_on(watch::tap(args))),
         Command::Top(args) => runtime().and_then(|rt| rt.block_on(watch::top(args))),

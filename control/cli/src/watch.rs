@@ -56,6 +56,18 @@ pub struct TopArgs {
 }
 
 impl Source {
+    /// Every call of the sidecar whose admin port is at `admin`.
+    pub fn all(admin: String) -> Source {
+        Source {
+            admin,
+            agent: None,
+            kind: None,
+            target: None,
+            decision: None,
+            min_ms: None,
+        }
+    }
+
     fn url(&self) -> String {
         let mut q = Vec::new();
         for (k, v) in [
@@ -80,7 +92,7 @@ impl Source {
     }
 
     /// Calls each event of the stream with `f` until it returns false or the deadline passes.
-    async fn follow(
+    pub async fn follow(
         &self,
         deadline: Option<Instant>,
         mut f: impl FnMut(Value) -> bool,
@@ -149,10 +161,10 @@ pub fn cut(s: &str, n: usize) -> String {
     }
 }
 
-const TAP_HEADER: &str = "TIME          SOURCE        KIND  TARGET              SUBJECT                 DECISION    STATUS  TOKENS         USD       LATENCY";
+pub const TAP_HEADER: &str = "TIME          SOURCE        KIND  TARGET              SUBJECT                 DECISION    STATUS  TOKENS         USD       LATENCY";
 
 /// One call as a table row.
-fn tap_row(e: &Value) -> String {
+pub fn tap_row(e: &Value) -> String {
     let ts = e["ts_ms"].as_u64().unwrap_or(0);
     let time = format!(
         "{:02}:{:02}:{:02}.{:03}",

@@ -1,0 +1,273 @@
+//! A2A 0.3 over JSON-RPC, both ways: the shapes an agent serves (its card, tasks, streamed
+//! status and artifact events, JSON-RPC errors) and the client side it delegates with
+//! (`message/stream` to a collaborator through the sidecar, read event by event until the peer's
+//! task is final).
+
+use crate::manifest::Manifest;
+use crate::store::{Status, Task};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+/// JSON-RPC and A2A error codes.
+pub mod code {
+    pub const PARSE_ERROR: i64 = -32700;
+    pub const INVALID_REQUEST: i64 = -32600;
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    pub const INVALID_PARAMS: i64 = -32602;
+    pub const INTERNAL: i64 = -32603;
+    pub const TASK_NOT_FOUND: i64 = -32001;
+    pub const TASK_NOT_CANCELABLE: i64 = -32002;
+}
+
+/// A JSON-RPC error response.
+pub fn error(id: &Value, code: i64, message: impl Into<String>) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message.into()}})
+}
+
+/// A JSON-RPC result response.
+pub fn result(id: &Value, result: Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "result": result})
+}
+
+/// The agent card: who the agent is, where it answers, what it offers.
+pub fn card(m: &Manifest, url: &str) -> Value {
+    let skills: Vec<Value> = m
+        .skills
+        .iter()
+        .map(|s| {
+            json!({"id": s.id, "name": if s.name.is_empty() { &s.id } else { &s.name },
+                "description": s.description, "tags": s.tags})
+        })
+        .collect();
+    json!({
+        "protocolVersion": "0.3.0",
+        "name": m.name,
+        "description": m.description,
+        "url": url,
+        "preferredTransport": "JSONRPC",
+        "version": env!("CARGO_PKG_VERSION"),
+        "capabilities": {"streaming": true, "pushNotifications": true,
+            "stateTransitionHistory": false},
+        "defaultInputModes": ["text/plain"],
+        "defaultOutputModes": ["text/plain"],
+        "skills": skills,
+    })
+}
+
+/// The text of a message's text parts.
+pub fn text_of(message: &Value) -> String {
+    message["parts"]
+        .as_array()
+        .map(|parts| {
+            parts
+                .iter()
+                .filter_map(|p| p["text"].as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default()
+}
+
+fn agent_message(task: &Task, text: &str) -> Value {
+    json!({"kind": "message", "role": "agent", "messageId": format!("{}-status", task.id),
+        "taskId": task.id, "contextId": task.meta.context_id,
+        "parts": [{"kind": "text", "text": text}]})
+}
+
+/// A task's A2A status: its state, and the question, the failure, the step it runs or the
+/// answer as a message.
+pub fn status(task: &Task, now_rfc3339: &str) -> Value {
+    let mut s = json!({"state": task.status.as_str(), "timestamp": now_rfc3339});
+    let note = match task.status {
+        Status::Completed => crate::runner::Runner::answer(task).map(str::to_string),
+        _ => task.question.clone(),
+    };
+    if let Some(text) = note {
+        s["message"] = agent_message(task, &text);
+    }
+    s
+}
+
+/// The answer of a completed task as its one artifact.
+pub fn artifact(task: &Task) -> Option<Value> {
+    if task.status != Status::Completed {
+        return None;
+    }
+    let text = crate::runner::Runner::answer(task)?;
+    Some(
+        json!({"artifactId": format!("{}-answer", task.id), "name": "answer",
+        "parts": [{"kind": "text", "text": text}]}),
+    )
+}
+
+/// The task as A2A shows it, with the user's and agent's messages as history.
+pub fn task_json(task: &Task, now_rfc3339: &str) -> Value {
+    let history: Vec<Value> = task
+        .messages
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| {
+            let role = match m["role"].as_str()? {
+                "user" => "user",
+                "assistant" => "agent",
+                _ => return None,
+            };
+            let text = m["content"].as_str()?;
+            Some(json!({"kind": "message", "role": role,
+                "messageId": format!("{}-{i}", task.id), "taskId": task.id,
+                "contextId": task.meta.context_id, "parts": [{"kind": "text", "text": text}]}))
+        })
+        .collect();
+    let mut t = json!({"kind": "task", "id": task.id, "contextId": task.meta.context_id,
+        "status": status(task, now_rfc3339), "history": history});
+    if let Some(a) = artifact(task) {
+        t["artifacts"] = json!([a]);
+    }
+    t
+}
+
+/// Whether a task in this state will not change without a new message.
+pub fn is_final(s: Status) -> bool {
+    s != Status::Working
+}
+
+/// A status-update event of `message/stream`.
+pub fn status_event(task: &Task, now_rfc3339: &str) -> Value {
+    json!({"kind": "status-update", "taskId": task.id, "contextId": task.meta.context_id,
+        "status": status(task, now_rfc3339), "final": is_final(task.status)})
+}
+
+/// An artifact-update event of `message/stream`, for a completed task's answer.
+pub fn artifact_event(task: &Task) -> Option<Value> {
+    let a = artifact(task)?;
+    Some(json!({"kind": "artifact-update", "taskId": task.id,
+        "contextId": task.meta.context_id, "artifact": a, "lastChunk": true}))
+}
+
+/// RFC 3339 UTC time from unix milliseconds.
+pub fn rfc3339(ms: u64) -> String {
+    let secs = (ms / 1000) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// The sidecar path of a collaborator: `agents/<name>` or, for `skill:<id>`,
+/// `agents/by-skill/<id>`.
+pub fn collaborator_path(to: &str) -> String {
+    match to.strip_prefix("skill:") {
+        Some(skill) => format!("/agents/by-skill/{skill}"),
+        None => format!("/agents/{to}"),
+    }
+}
+
+/// Sends `text` to a collaborator with `message/stream` through the sidecar and reads the peer's
+/// events until its task is final: the answer (artifact, or the final status message), or why
+/// there is none. `message_id` makes the delegation idempotent: the peer answers a repeated
+/// message with the task it already made.
+pub async fn delegate(
+    http: &reqwest::Client,
+    url: &str,
+    message_id: &str,
+    text: &str,
+    headers: &[(&str, String)],
+) -> Result<String, String> {
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "message/stream", "params": {
+        "message": {"kind": "message", "role": "user", "messageId": message_id,
+            "parts": [{"kind": "text", "text": text}]}}});
+    let mut req = http
+        .post(url)
+        .header("accept", "text/event-stream")
+        .json(&body);
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    let r = req.send().await.map_err(|e| e.to_string())?;
+    let status = r.status();
+    let ctype = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    if !ctype.starts_with("text/event-stream") {
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        return Err(match v.get("error") {
+            Some(e) => format!("{status}: {}", e["message"].as_str().unwrap_or("error")),
+            None => format!("{status}: {v}"),
+        });
+    }
+    let mut stream = r.bytes_stream();
+    let mut buf = String::new();
+    let mut answer: Option<String> = None;
+    while let Some(chunk) = stream.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk.map_err(|e| e.to_string())?));
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            for data in event.lines().filter_map(|l| l.strip_prefix("data:")) {
+                let v: Value = serde_json::from_str(data.trim()).map_err(|e| e.to_string())?;
+                if let Some(e) = v.get("error") {
+                    return Err(e["message"].as_str().unwrap_or("error").to_string());
+                }
+                let ev = &v["result"];
+                if let Some(a) = ev.get("artifact") {
+                    answer = Some(text_of(a));
+                }
+                if let Some(arts) = ev["artifacts"].as_array() {
+                    if let Some(a) = arts.last() {
+                        answer = Some(text_of(a));
+                    }
+                }
+                let state = ev["status"]["state"].as_str().unwrap_or("");
+                let note = text_of(&ev["status"]["message"]);
+                match state {
+                    "completed" => return Ok(answer.unwrap_or(note)),
+                    "failed" | "rejected" | "canceled" => {
+                        return Err(format!("the peer's task is {state}: {note}"))
+                    }
+                    "input-required" | "auth-required" => {
+                        return Err(format!("the peer asks for input: {note}"))
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    Err("the peer's stream ended before its task was final".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_unix_milliseconds() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_764_583_261_042), "2025-12-01T10:01:01.042Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn collaborators_are_reached_by_name_or_skill() {
+        assert_eq!(collaborator_path("writer"), "/agents/writer");
+        assert_eq!(
+            collaborator_path("skill:summarize"),
+            "/agents/by-skill/summarize"
+        );
+    }
+}

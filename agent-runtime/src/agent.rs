@@ -1,0 +1,407 @@
+//! The agent's A2A server (0.3, JSON-RPC over HTTP), behind its sidecar's inbound listener:
+//! the agent card at `/.well-known/agent-card.json`; `message/send` (blocking, or not with
+//! `configuration.blocking: false`), `message/stream` (SSE: the task, then its status and
+//! artifact events until it is final), `tasks/get`, `tasks/cancel`, and
+//! `tasks/pushNotificationConfig/{set,get}`.
+//!
+//! A message that names a task waiting for input is the human's answer: the task resumes at the
+//! step that asked, unless the question expired. A message is idempotent by its `messageId`: the
+//! same message again gets the task it made. Tasks run on the async runtime, never on a thread
+//! of their own; a restarted agent resumes its open tasks. Push notifications go through the
+//! sidecar to a mesh name, so policy sees them like any other call.
+
+use crate::a2a::{self, code};
+use crate::runner::Runner;
+use crate::store::{PushConfig, Status, Task, TaskMeta};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub struct Agent {
+    pub runner: Arc<Runner>,
+    /// The URL its card advertises.
+    pub url: String,
+    running: Mutex<HashSet<String>>,
+}
+
+type Shared = Arc<Agent>;
+
+fn jsonrpc(v: Value) -> Response {
+    (StatusCode::OK, Json(v)).into_response()
+}
+
+/// Why a request got no task: a JSON-RPC error code and message.
+type Fault = (i64, String);
+
+fn fault(code: i64, message: impl Into<String>) -> Fault {
+    (code, message.into())
+}
+
+/// A push target must be a mesh name reached through the sidecar, never an arbitrary URL.
+fn push_config(v: &Value) -> Result<Option<PushConfig>, Fault> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    let url = v["url"].as_str().unwrap_or("").trim_start_matches('/');
+    if !(url.starts_with("agents/") || url.starts_with("http/")) {
+        return Err(fault(
+            code::INVALID_PARAMS,
+            format!("pushNotificationConfig.url `{url}` must be a mesh name (agents/<agent>/… or http/<name>/…): notifications go through the sidecar"),
+        ));
+    }
+    Ok(Some(PushConfig {
+        url: url.to_string(),
+        token: v["token"].as_str().map(str::to_string),
+    }))
+}
+
+/// The task id a message makes: the same message id always makes the same task.
+fn task_id(message_id: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    message_id.hash(&mut h);
+    format!("task-{:016x}", h.finish())
+}
+
+impl Agent {
+    pub fn new(runner: Arc<Runner>, url: String) -> Shared {
+        Arc::new(Agent {
+            runner,
+            url,
+            running: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn now(&self) -> String {
+        a2a::rfc3339(self.runner.clock.now_ms())
+    }
+
+    /// Runs a task on the runtime unless it already runs.
+    pub fn spawn(self: &Arc<Self>, task: Task) {
+        if !self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(task.id.clone())
+        {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let id = task.id.clone();
+            if let Err(e) = me.runner.run(task).await {
+                tracing::error!(task = %id, error = %e, "task store failed");
+            }
+            me.running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+        });
+    }
+
+    /// Resumes every task that was working when the agent stopped.
+    pub fn resume(self: &Arc<Self>) -> Result<usize, crate::store::StoreError> {
+        let open = self.runner.store.open_tasks()?;
+        let mut n = 0;
+        for t in open.into_iter().filter(|t| t.status == Status::Working) {
+            tracing::info!(task = %t.id, step = t.step, "resuming task");
+            self.spawn(t);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// A question not answered in time fails its task.
+    fn expire(&self, task: &mut Task) -> Result<(), Fault> {
+        let limit = self.runner.manifest.questions_expire_after;
+        let waited = self
+            .runner
+            .clock
+            .now_ms()
+            .saturating_sub(task.updated_at_ms);
+        if task.status == Status::InputRequired && u128::from(waited) > limit.as_millis() {
+            task.status = Status::Failed;
+            task.question = Some(format!(
+                "the question was not answered within {}",
+                humantime::format_duration(limit)
+            ));
+            self.runner.commit(task).map_err(internal)?;
+        }
+        Ok(())
+    }
+
+    fn task(&self, id: &str) -> Result<Task, Fault> {
+        let mut t = self
+            .runner
+            .store
+            .task(id)
+            .map_err(internal)?
+            .ok_or_else(|| fault(code::TASK_NOT_FOUND, format!("no task `{id}`")))?;
+        self.expire(&mut t)?;
+        Ok(t)
+    }
+
+    /// The task a message starts or answers, running (unless it waits or is done).
+    fn accept(self: &Arc<Self>, params: &Value, headers: &HeaderMap) -> Result<Task, Fault> {
+        let message = &params["message"];
+        if !message.is_object() {
+            return Err(fault(code::INVALID_PARAMS, "params.message is required"));
+        }
+        let text = a2a::text_of(message);
+        if let Some(id) = message["taskId"].as_str() {
+            let task = self.task(id)?;
+            if task.status != Status::InputRequired {
+                return Ok(task); // an answer to a task that no longer waits changes nothing
+            }
+            let answer = json!({"role": "user", "content": text, "answer": true});
+            let task = self
+                .runner
+                .store
+                .answer(id, answer, self.runner.clock.now_ms())
+                .map_err(internal)?;
+            self.spawn(task.clone());
+            return Ok(task);
+        }
+        let message_id = message["messageId"]
+            .as_str()
+            .ok_or_else(|| fault(code::INVALID_PARAMS, "params.message.messageId is required"))?;
+        let id = task_id(message_id);
+        if let Some(t) = self.runner.store.task(&id).map_err(internal)? {
+            return Ok(t);
+        }
+        let meta = TaskMeta {
+            context_id: message["contextId"]
+                .as_str()
+                .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string),
+            push: push_config(&params["configuration"]["pushNotificationConfig"])?,
+            traceparent: headers
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string(),
+        };
+        let task = self.runner.create(&id, &text, meta).map_err(internal)?;
+        self.spawn(task.clone());
+        Ok(task)
+    }
+
+    /// Waits until the task is final (or waits for input), from its watch.
+    async fn settle(&self, mut watch: tokio::sync::broadcast::Receiver<Task>, task: Task) -> Task {
+        if a2a::is_final(task.status) {
+            return task;
+        }
+        loop {
+            match watch.recv().await {
+                Ok(t) if t.id == task.id && a2a::is_final(t.status) => return t,
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    if let Ok(Some(t)) = self.runner.store.task(&task.id) {
+                        if a2a::is_final(t.status) {
+                            return t;
+                        }
+                    }
+                }
+                Err(_) => return task,
+            }
+        }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Fault {
+    fault(code::INTERNAL, e.to_string())
+}
+
+pub fn router(agent: Shared) -> Router {
+    Router::new()
+        .route("/", post(rpc))
+        .route("/.well-known/agent-card.json", get(card))
+        .route("/.well-known/agent.json", get(card))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(agent)
+}
+
+async fn card(State(agent): State<Shared>) -> Response {
+    Json(a2a::card(&agent.runner.manifest, &agent.url)).into_response()
+}
+
+async fn rpc(State(agent): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let req: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return jsonrpc(a2a::error(
+                &Value::Null,
+                code::PARSE_ERROR,
+                format!("invalid JSON: {e}"),
+            ))
+        }
+    };
+    let id = req["id"].clone();
+    let Some(method) = req["method"].as_str() else {
+        return jsonrpc(a2a::error(&id, code::INVALID_REQUEST, "no method"));
+    };
+    let params = &req["params"];
+    let answer = match method {
+        "message/stream" => return stream(agent, id, params, &headers),
+        "message/send" => {
+            let watch = agent.runner.watch();
+            match agent.accept(params, &headers) {
+                Ok(t) if params["configuration"]["blocking"] == false => Ok(t),
+                Ok(t) => Ok(agent.settle(watch, t).await),
+                Err(f) => Err(f),
+            }
+            .map(|t| a2a::task_json(&t, &agent.now()))
+        }
+        "tasks/get" => agent
+            .task(params["id"].as_str().unwrap_or(""))
+            .map(|t| a2a::task_json(&t, &agent.now())),
+        "tasks/cancel" => cancel(&agent, params["id"].as_str().unwrap_or("")),
+        "tasks/pushNotificationConfig/set" => set_push(&agent, params),
+        "tasks/pushNotificationConfig/get" => agent
+            .task(params["id"].as_str().unwrap_or(""))
+            .and_then(|t| {
+                let c = t.meta.push.ok_or_else(|| {
+                    fault(
+                        code::INVALID_PARAMS,
+                        "the task has no push notification config",
+                    )
+                })?;
+                Ok(json!({"taskId": t.id, "pushNotificationConfig": {"url": c.url}}))
+            }),
+        other => Err(fault(
+            code::METHOD_NOT_FOUND,
+            format!("method `{other}` not found"),
+        )),
+    };
+    jsonrpc(match answer {
+        Ok(r) => a2a::result(&id, r),
+        Err((c, m)) => a2a::error(&id, c, m),
+    })
+}
+
+fn cancel(agent: &Shared, id: &str) -> Result<Value, Fault> {
+    let mut t = agent.task(id)?;
+    if !t.status.is_open() {
+        return Err(fault(
+            code::TASK_NOT_CANCELABLE,
+            format!("task `{id}` is {}", t.status.as_str()),
+        ));
+    }
+    t.status = Status::Canceled;
+    agent.runner.commit(&mut t).map_err(internal)?;
+    Ok(a2a::task_json(&t, &agent.now()))
+}
+
+fn set_push(agent: &Shared, params: &Value) -> Result<Value, Fault> {
+    let mut t = agent.task(params["taskId"].as_str().unwrap_or(""))?;
+    t.meta.push = push_config(&params["pushNotificationConfig"])?;
+    agent.runner.store.checkpoint(&t).map_err(internal)?;
+    Ok(json!({"taskId": t.id, "pushNotificationConfig": params["pushNotificationConfig"]}))
+}
+
+/// `message/stream`: the task, then each change as an event, until it is final.
+fn stream(agent: Shared, id: Value, params: &Value, headers: &HeaderMap) -> Response {
+    let watch = agent.runner.watch();
+    let task = match agent.accept(params, headers) {
+        Ok(t) => t,
+        Err((c, m)) => return jsonrpc(a2a::error(&id, c, m)),
+    };
+    let task_id = task.id.clone();
+    let events = futures::stream::unfold(
+        (agent, watch, Some(task), false),
+        move |(agent, mut watch, first, done)| {
+            let (id, task_id) = (id.clone(), task_id.clone());
+            async move {
+                if done {
+                    return None;
+                }
+                let now = agent.now();
+                let frame = |v: Value| format!("data: {}\n\n", a2a::result(&id, v));
+                let (t, mut out) = match first {
+                    Some(t) => {
+                        let out = frame(a2a::task_json(&t, &now));
+                        if !a2a::is_final(t.status) {
+                            return Some((Ok(Bytes::from(out)), (agent, watch, None, false)));
+                        }
+                        (t, out)
+                    }
+                    None => loop {
+                        match watch.recv().await {
+                            Ok(t) if t.id == task_id => break (t, String::new()),
+                            Ok(_) => {}
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                                // Missed changes: the committed state says where it is now.
+                                if let Ok(Some(t)) = agent.runner.store.task(&task_id) {
+                                    break (t, String::new());
+                                }
+                            }
+                            Err(_) => return None,
+                        }
+                    },
+                };
+                if let Some(a) = a2a::artifact_event(&t) {
+                    out.push_str(&frame(a));
+                }
+                out.push_str(&frame(a2a::status_event(&t, &now)));
+                let fin = a2a::is_final(t.status);
+                Some((
+                    Ok::<_, std::convert::Infallible>(Bytes::from(out)),
+                    (agent, watch, None, fin),
+                ))
+            }
+        },
+    );
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(Body::from_stream(events))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Sends each change of a task with a push config to its mesh name, through the sidecar, in
+/// order, with the task's token; a target that does not answer is logged and skipped.
+pub async fn push_notifications(agent: Shared) {
+    let mut watch = agent.runner.watch();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap_or_default();
+    loop {
+        let t = match watch.recv().await {
+            Ok(t) => t,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "push notifications fell behind");
+                continue;
+            }
+            Err(_) => return,
+        };
+        let Some(push) = &t.meta.push else { continue };
+        let url = format!(
+            "{}/{}",
+            agent.runner.manifest.sidecar.trim_end_matches('/'),
+            push.url
+        );
+        let mut req = http
+            .post(&url)
+            .header("traceparent", &t.meta.traceparent)
+            .json(&a2a::task_json(&t, &agent.now()));
+        if let Some(token) = &push.token {
+            req = req.header("x-a2a-notification-token", token);
+        }
+        match req.send().await {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => {
+                tracing::warn!(task = %t.id, target = %push.url, status = %r.status(), "push notification refused")
+            }
+            Err(e) => {
+                tracing::warn!(task = %t.id, target = %push.url, error = %e, "push notification failed")
+            }
+        }
+    }
+}

@@ -20,7 +20,7 @@ def test_demo_prints_one_line_per_call():
         AGENTMESH_DEMO_MCP=str(free_port()),
     )
     out = subprocess.run(
-        ["bash", "scripts/demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        ["bash", "scripts/sdk-demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stdout + out.stderr
     lines = [l for l in out.stdout.splitlines() if l.startswith("outbound ")]

@@ -7,6 +7,7 @@
 pub mod accesslog;
 pub mod admin;
 pub mod background;
+pub mod card;
 pub mod classify;
 pub mod config;
 pub mod cost;

@@ -85,6 +85,11 @@ pub fn build(
 
     let listeners = config.listeners.clone();
     let inbound_on = config.inbound.forward_to.is_some();
+    // The agent behind the inbound listener, whose card is announced.
+    let local_agent = config
+        .inbound
+        .forward_to
+        .map(|f| (config.agent.name.clone(), f));
     match (&desired.policy, &config.control) {
         (Some(_), _) => {}
         (None, Some(_)) => tracing::info!(
@@ -192,7 +197,17 @@ pub fn build(
     server.add_service(admin);
 
     if let Some(id) = identity.clone() {
-        server.add_service(background_service("identity renewer", Renewer(id)));
+        server.add_service(background_service("identity renewer", Renewer(id.clone())));
+        if let Some((agent, forward_to)) = local_agent {
+            server.add_service(background_service(
+                "agent card announcer",
+                crate::card::Announcer {
+                    identity: id,
+                    agent,
+                    forward_to,
+                },
+            ));
+        }
     }
     if let Some(control) = control {
         server.add_service(background_service(

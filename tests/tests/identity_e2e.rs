@@ -52,6 +52,24 @@ async fn svid(
     body: &Value,
     client_cert: Option<(&str, &rcgen::KeyPair)>,
 ) -> reqwest::Result<(u16, Value)> {
+    api(
+        control,
+        reqwest::Method::POST,
+        "/v1/svid",
+        body,
+        client_cert,
+    )
+    .await
+}
+
+/// A request to the registry API, optionally presenting a client certificate.
+async fn api(
+    control: &Control,
+    method: reqwest::Method,
+    path: &str,
+    body: &Value,
+    client_cert: Option<(&str, &rcgen::KeyPair)>,
+) -> reqwest::Result<(u16, Value)> {
     let ca = std::fs::read(control.state_dir.join("ca.pem")).unwrap();
     let mut b = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
@@ -63,7 +81,7 @@ async fn svid(
     let r = b
         .build()
         .unwrap()
-        .post(control.url("/v1/svid"))
+        .request(method, control.url(path))
         .json(body)
         .send()
         .await?;
@@ -390,4 +408,76 @@ async fn a_discovery_stream_is_bound_to_the_agent_its_svid_names() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
     assert!(e.message().contains("planner"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_agents_own_svid_announces_its_card() {
+    let dir = Scratch::new("ca-card");
+    let conf = dir.path("mesh");
+    write(&conf, MESH);
+    let control = Control::start(&conf).await;
+    let token = cli_token(&control, "planner", "default", "1h");
+    let (key, csr) = csr_for("spiffe://mesh.local/ns/default/agent/planner");
+    let (s, v) = svid(&control, &json!({"csr": csr, "join_token": token}), None)
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
+    let cert = v["certificate"].as_str().unwrap().to_string();
+    let put = reqwest::Method::PUT;
+    let card = json!({"name": "planner", "protocolVersion": "0.3.0", "skills": [{"id": "plan"}]});
+
+    let (s, v) = api(
+        &control,
+        put.clone(),
+        "/v1/agents/planner/card",
+        &card,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (s, v["error"]["type"].as_str()),
+        (401, Some("no_credential")),
+        "{v}"
+    );
+    let (s, v) = api(
+        &control,
+        put.clone(),
+        "/v1/agents/writer/card",
+        &card,
+        Some((&cert, &key)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 403, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("only its own card"));
+    let odd = json!({"name": "someone-else"});
+    let (s, _) = api(
+        &control,
+        put.clone(),
+        "/v1/agents/planner/card",
+        &odd,
+        Some((&cert, &key)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 400);
+    // Its own: kept, served as the agent's card, and persisted.
+    let (s, _) = api(
+        &control,
+        put,
+        "/v1/agents/planner/card",
+        &card,
+        Some((&cert, &key)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 204);
+    let served: Value = control.get("/v1/agents/planner/card").await;
+    assert_eq!(served, card);
+    let saved = std::fs::read_to_string(control.state_dir.join("registry.json")).unwrap();
+    assert!(saved.contains("\"protocolVersion\": \"0.3.0\""), "{saved}");
 }

@@ -95,6 +95,20 @@ async fn the_demo_converses_through_the_mesh_and_shows_every_call() {
         .unwrap_or_else(|| panic!("{search_log}"));
     assert!(denied_line.contains("\"allow\":false"), "{denied_line}");
     assert!(stdout.contains("stopping 10 processes … done"), "{stdout}");
+    // Each agent's own card reached the registry through its sidecar (persisted there).
+    let registry: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("control/registry.json")).unwrap())
+            .unwrap();
+    for agent in ["planner", "researcher", "writer"] {
+        let card = &registry["cards"][agent];
+        assert_eq!(card["name"], agent, "{registry}");
+        assert_eq!(card["protocolVersion"], "0.3.0");
+        assert_eq!(card["capabilities"]["streaming"], true);
+    }
+    assert_eq!(
+        registry["cards"]["researcher"]["skills"][0]["id"],
+        "research"
+    );
 
     // One trace, its tree following the delegations: planner → researcher → its calls.
     let spans = otlp

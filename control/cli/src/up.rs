@@ -391,7 +391,7 @@ async fn run_demo(
     }
     Up::done(t);
 
-    let t = up.progress("three agents (planner, researcher, writer)");
+    let t = up.progress("three agents (planner, researcher, writer), their cards registered");
     for &(agent, listen, ..) in &ports {
         let manifest = run.join(format!("agents/{agent}.yaml"));
         up.spawn(
@@ -401,6 +401,30 @@ async fn run_demo(
         )?;
         up.wait_http(agent, &format!("http://127.0.0.1:{listen}/healthz"), &plain)
             .await?;
+    }
+    // Each agent's card, read by its sidecar, is in the registry.
+    for &(agent, ..) in &ports {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let card: Value = match tls
+                .get(format!("{api_url}/v1/agents/{agent}/card"))
+                .send()
+                .await
+            {
+                Ok(r) => r.json().await.unwrap_or(Value::Null),
+                Err(_) => Value::Null,
+            };
+            if card["protocolVersion"].is_string() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{agent}'s card never reached the registry; see {}",
+                    run.join(format!("{agent}-sidecar.log")).display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     // Each sidecar has been sent its peers' addresses once they are all connected.
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -14,6 +14,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -38,7 +39,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/sidecars", get(sidecars))
         .route("/v1/agents", get(list).post(register))
         .route("/v1/agents/{name}", get(show).delete(deregister))
-        .route("/v1/agents/{name}/card", get(agent_card))
+        .route("/v1/agents/{name}/card", get(agent_card).put(announce_card))
         .route("/v1/agents/{name}/health", get(health))
         .route(
             "/v1/agents/{name}/certification",
@@ -194,6 +195,51 @@ async fn agent_card(State(api): State<Api>, Path(name): Path<String>) -> Answer 
         a.card_json,
     )
         .into_response())
+}
+
+/// An agent's own card, announced by its sidecar: only the holder of that agent's SVID may.
+async fn announce_card(
+    State(api): State<Api>,
+    Extension(peer): Extension<crate::ca_api::PeerIdentity>,
+    Path(name): Path<String>,
+    payload: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Answer {
+    let Some(id) = peer.0 else {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "no_credential",
+            "an agent's card is announced with the agent's SVID as the client certificate",
+        ));
+    };
+    if id.agent != name {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "not_this_agent",
+            &format!(
+                "`{}` may announce only its own card, not `{name}`'s",
+                id.agent
+            ),
+        ));
+    }
+    api.find(&name)?;
+    let card = body(payload)?;
+    if !card.is_object() || card["name"] != name.as_str() {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_card",
+            &format!("an A2A agent card is a JSON object whose `name` is `{name}`"),
+        ));
+    }
+    if api
+        .control
+        .registry
+        .announce_card(&name, card)
+        .map_err(persist_failed)?
+    {
+        tracing::info!(agent = %name, "agent card announced");
+        api.control.rebuild();
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn health(State(api): State<Api>, Path(name): Path<String>) -> Answer {

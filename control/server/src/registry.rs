@@ -86,6 +86,9 @@ struct Persisted {
     /// Join tokens by the SHA-256 of their value (the value itself is never stored).
     #[serde(default)]
     join_tokens: BTreeMap<String, JoinToken>,
+    /// A2A cards the agents announced themselves (through their sidecars), by agent.
+    #[serde(default)]
+    cards: BTreeMap<String, serde_json::Value>,
 }
 
 /// A single-use credential for an agent's first SVID (local mode; a Kubernetes service-account
@@ -201,6 +204,20 @@ impl Registry {
     /// Removes a registered agent; whether it was there.
     pub fn deregister(&self, name: &str) -> Result<bool, RegistryError> {
         self.change(|p| p.registered.remove(name).is_some())
+    }
+
+    /// Keeps the card an agent announced; whether it changed.
+    pub fn announce_card(
+        &self,
+        agent: &str,
+        card: serde_json::Value,
+    ) -> Result<bool, RegistryError> {
+        self.change(|p| p.cards.insert(agent.to_string(), card.clone()).as_ref() != Some(&card))
+    }
+
+    /// The card the agent announced, if it did.
+    pub fn announced_card(&self, agent: &str) -> Option<serde_json::Value> {
+        self.lock().saved.cards.get(agent).cloned()
     }
 
     pub fn registered(&self) -> BTreeMap<String, AgentSpec> {

@@ -99,7 +99,11 @@ impl World {
                     })
                     .collect(),
                 endpoints,
-                card_json: card(spec).to_string(),
+                // The agent's own card, once it announced one; until then one made from its entry.
+                card_json: registry
+                    .announced_card(name)
+                    .unwrap_or_else(|| card(spec))
+                    .to_string(),
                 certification: registry
                     .certification(name)
                     .into_iter()

@@ -34,6 +34,10 @@ pub struct Manifest {
     /// Where the agent serves A2A (its sidecar's `inbound.forward_to`).
     #[serde(default)]
     pub listen: Option<std::net::SocketAddr>,
+    /// The URL its card advertises (default `http://<listen>/`): where callers reach it, e.g.
+    /// through their sidecar, `http://127.0.0.1:15001/agents/<name>/`.
+    #[serde(default)]
+    pub card_url: Option<String>,
     /// The task store (relative to the manifest); default `.agentmesh/<name>.tasks.db`.
     #[serde(default)]
     pub store: Option<PathBuf>,

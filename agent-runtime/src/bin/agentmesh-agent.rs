@@ -63,8 +63,12 @@ async fn main() -> anyhow::Result<()> {
     let store = Store::open(&store_path)?;
     let clock = args.clock_file.map_or(Clock::System, Clock::File);
     let name = manifest.name.clone();
+    let card_url = manifest
+        .card_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{listen}/"));
     let runner = Arc::new(Runner::new(manifest, store).with_clock(clock));
-    let agent = Agent::new(runner, format!("http://{listen}/"));
+    let agent = Agent::new(runner, card_url);
     let resumed = agent.resume()?;
     tracing::info!(agent = %name, %listen, store = %store_path.display(), resumed, "agent started");
     tokio::spawn(agent::push_notifications(agent.clone()));

@@ -163,3 +163,62 @@ async fn the_demo_converses_through_the_mesh_and_shows_every_call() {
         .unwrap();
     assert!((usd - 0.000179).abs() < 1e-12, "{usd}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_stays_up_until_ctrl_c_then_every_process_stops() {
+    use std::io::{BufRead, BufReader};
+    let dir = Scratch::new("up-ctrl-c");
+    let run = dir.path("run");
+    let mut child = std::process::Command::new(bin_dir().join("agentmesh"))
+        .args([
+            "up",
+            "--examples",
+            &repo("examples/up"),
+            "--policies",
+            &repo("policies"),
+        ])
+        .args(["--run-dir", run.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut admins = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(addr) = line.trim().strip_prefix("planner     ") {
+            admins.push(addr.to_string());
+        }
+        if let Some(addr) = line.trim().strip_prefix("writer      ") {
+            admins.push(addr.to_string());
+        }
+        if line.contains("Press Ctrl-C") {
+            break;
+        }
+    }
+    assert_eq!(admins.len(), 2, "admin ports listed");
+    // Up: the sidecars answer until Ctrl-C.
+    for a in &admins {
+        let r = reqwest::get(format!("http://{a}/readyz")).await.unwrap();
+        assert!(r.status().is_success());
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{rest:?}");
+    assert!(
+        rest.iter()
+            .any(|l| l.starts_with("stopping 10 processes … done")),
+        "{rest:?}"
+    );
+    for a in &admins {
+        assert!(
+            reqwest::get(format!("http://{a}/readyz")).await.is_err(),
+            "{a} still answers after Ctrl-C"
+        );
+    }
+}

@@ -364,44 +364,70 @@ fn stream(agent: Shared, id: Value, params: &Value, headers: &HeaderMap) -> Resp
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-/// Sends each change of a task with a push config to its mesh name, through the sidecar, in
-/// order, with the task's token; a target that does not answer is logged and skipped.
+/// Delivers the outbox's notifications, oldest first, each to its mesh name through the
+/// sidecar with its token: at least once, in order, across restarts. A target that answers 2xx
+/// or refuses (4xx) settles a notification; one that is down or fails (5xx) is retried with
+/// backoff, holding the rest behind it.
 pub async fn push_notifications(agent: Shared) {
     let mut watch = agent.runner.watch();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap_or_default();
+    let sidecar = agent
+        .runner
+        .manifest
+        .sidecar
+        .trim_end_matches('/')
+        .to_string();
+    let mut backoff = Duration::from_millis(200);
     loop {
-        let t = match watch.recv().await {
-            Ok(t) => t,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "push notifications fell behind");
-                continue;
+        let next = match agent.runner.store.next_notice() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the push outbox");
+                None
             }
-            Err(_) => return,
         };
-        let Some(push) = &t.meta.push else { continue };
-        let url = format!(
-            "{}/{}",
-            agent.runner.manifest.sidecar.trim_end_matches('/'),
-            push.url
-        );
+        let Some(n) = next else {
+            // Nothing queued: wait for a change (or look again in a while).
+            tokio::select! {
+                r = watch.recv() => if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r { return },
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+            continue;
+        };
         let mut req = http
-            .post(&url)
-            .header("traceparent", &t.meta.traceparent)
-            .json(&a2a::task_json(&t, &agent.now()));
-        if let Some(token) = &push.token {
+            .post(format!("{sidecar}/{}", n.url))
+            .header("content-type", "application/json")
+            .body(n.body.clone());
+        if let Some(token) = &n.token {
             req = req.header("x-a2a-notification-token", token);
         }
-        match req.send().await {
-            Ok(r) if r.status().is_success() => {}
+        let settled = match req.send().await {
+            Ok(r) if r.status().is_success() => true,
+            Ok(r) if r.status().is_client_error() => {
+                tracing::warn!(task = %n.task_id, target = %n.url, status = %r.status(), "push notification refused; dropped");
+                true
+            }
             Ok(r) => {
-                tracing::warn!(task = %t.id, target = %push.url, status = %r.status(), "push notification refused")
+                tracing::warn!(task = %n.task_id, target = %n.url, status = %r.status(), "push notification failed; retrying");
+                false
             }
             Err(e) => {
-                tracing::warn!(task = %t.id, target = %push.url, error = %e, "push notification failed")
+                tracing::warn!(task = %n.task_id, target = %n.url, error = %e, "push notification failed; retrying");
+                false
             }
+        };
+        if settled {
+            backoff = Duration::from_millis(200);
+            if let Err(e) = agent.runner.store.notice_done(n.seq) {
+                tracing::error!(error = %e, "cannot update the push outbox");
+                tokio::time::sleep(backoff).await;
+            }
+        } else {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 }

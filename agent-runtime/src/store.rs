@@ -105,6 +105,16 @@ pub enum StoreError {
     NotWaiting { id: String, status: &'static str },
 }
 
+/// A push notification waiting in the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notice {
+    pub seq: i64,
+    pub task_id: String,
+    pub url: String,
+    pub token: Option<String>,
+    pub body: String,
+}
+
 pub struct Store {
     db: Mutex<Connection>,
 }
@@ -118,6 +128,13 @@ CREATE TABLE IF NOT EXISTS tasks (
     question TEXT,
     updated_at_ms INTEGER NOT NULL,
     meta TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    token TEXT,
+    body TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS calls (
     task_id TEXT NOT NULL,
@@ -143,11 +160,19 @@ impl Store {
 
     /// Commits a task's state: before each step runs, and whenever it changes.
     pub fn checkpoint(&self, task: &Task) -> Result<(), StoreError> {
+        self.checkpoint_notify(task, None)
+    }
+
+    /// Commits a task's state and, when it has a push target, the notification of it (`body`),
+    /// in one transaction: a change committed is a change that will be notified.
+    pub fn checkpoint_notify(&self, task: &Task, body: Option<&str>) -> Result<(), StoreError> {
         let messages = serde_json::to_string(&task.messages)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let meta =
             serde_json::to_string(&task.meta).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.db().execute(
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        tx.execute(
             "INSERT INTO tasks (id, status, step, messages, question, updated_at_ms, meta)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT(id) DO UPDATE SET status = ?2, step = ?3, messages = ?4, question = ?5,
@@ -162,6 +187,40 @@ impl Store {
                 meta
             ],
         )?;
+        if let (Some(push), Some(body)) = (&task.meta.push, body) {
+            tx.execute(
+                "INSERT INTO outbox (task_id, url, token, body) VALUES (?1, ?2, ?3, ?4)",
+                params![task.id, push.url, push.token, body],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The oldest notification not yet delivered.
+    pub fn next_notice(&self) -> Result<Option<Notice>, StoreError> {
+        Ok(self
+            .db()
+            .query_row(
+                "SELECT seq, task_id, url, token, body FROM outbox ORDER BY seq LIMIT 1",
+                [],
+                |r| {
+                    Ok(Notice {
+                        seq: r.get(0)?,
+                        task_id: r.get(1)?,
+                        url: r.get(2)?,
+                        token: r.get(3)?,
+                        body: r.get(4)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Forgets a notification once it was delivered (or refused for good).
+    pub fn notice_done(&self, seq: i64) -> Result<(), StoreError> {
+        self.db()
+            .execute("DELETE FROM outbox WHERE seq = ?1", params![seq])?;
         Ok(())
     }
 

@@ -29,7 +29,199 @@ pub fn result(id: &Value, result: Value) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "result": result})
 }
 
-/// The agent card: who the agent is, where it answers, what it offers.
+/// The protocol revision a request speaks, told by its method's name: 0.3 (`message/send`,
+/// `tasks/get`, ...) or 1.0 (`SendMessage`, `GetTask`, ...; ProtoJSON shapes). An agent serves
+/// both on one URL and answers each in its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V0_3,
+    V1_0,
+}
+
+/// What a request asks for, in either revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Send,
+    Stream,
+    Get,
+    Cancel,
+    SetPush,
+    GetPush,
+}
+
+impl Version {
+    /// The revision and operation of a JSON-RPC method.
+    pub fn of(method: &str) -> Option<(Version, Op)> {
+        use {Op::*, Version::*};
+        Some(match method {
+            "message/send" => (V0_3, Send),
+            "message/stream" => (V0_3, Stream),
+            "tasks/get" => (V0_3, Get),
+            "tasks/cancel" => (V0_3, Cancel),
+            "tasks/pushNotificationConfig/set" => (V0_3, SetPush),
+            "tasks/pushNotificationConfig/get" => (V0_3, GetPush),
+            "SendMessage" => (V1_0, Send),
+            "SendStreamingMessage" => (V1_0, Stream),
+            "GetTask" => (V1_0, Get),
+            "CancelTask" => (V1_0, Cancel),
+            "CreateTaskPushNotificationConfig" => (V1_0, SetPush),
+            "GetTaskPushNotificationConfig" => (V1_0, GetPush),
+            _ => return None,
+        })
+    }
+
+    /// The revision by the name a task keeps (`1.0`; anything else is 0.3).
+    pub fn named(name: &str) -> Version {
+        if name == "1.0" {
+            Version::V1_0
+        } else {
+            Version::V0_3
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Version::V0_3 => "0.3",
+            Version::V1_0 => "1.0",
+        }
+    }
+
+    /// Whether a `message/send`'s configuration asks not to wait for the task.
+    pub fn returns_immediately(self, configuration: &Value) -> bool {
+        match self {
+            Version::V0_3 => configuration["blocking"] == false,
+            Version::V1_0 => configuration["returnImmediately"] == true,
+        }
+    }
+
+    /// The push target a `message/send`'s configuration names, if any.
+    pub fn push_of(self, configuration: &Value) -> &Value {
+        match self {
+            Version::V0_3 => &configuration["pushNotificationConfig"],
+            Version::V1_0 => &configuration["taskPushNotificationConfig"],
+        }
+    }
+
+    fn state(self, s: Status) -> &'static str {
+        match (self, s) {
+            (Version::V0_3, s) => s.as_str(),
+            (Version::V1_0, Status::Working) => "TASK_STATE_WORKING",
+            (Version::V1_0, Status::InputRequired) => "TASK_STATE_INPUT_REQUIRED",
+            (Version::V1_0, Status::Completed) => "TASK_STATE_COMPLETED",
+            (Version::V1_0, Status::Failed) => "TASK_STATE_FAILED",
+            (Version::V1_0, Status::Canceled) => "TASK_STATE_CANCELED",
+        }
+    }
+
+    fn text(self, text: &str) -> Value {
+        match self {
+            Version::V0_3 => json!([{"kind": "text", "text": text}]),
+            Version::V1_0 => json!([{"text": text}]),
+        }
+    }
+
+    /// A message of the task, from the user or the agent.
+    fn message(self, task: &Task, id: String, from_user: bool, text: &str) -> Value {
+        let mut m = json!({"messageId": id, "taskId": task.id,
+            "contextId": task.meta.context_id, "parts": self.text(text)});
+        match self {
+            Version::V0_3 => {
+                m["kind"] = json!("message");
+                m["role"] = json!(if from_user { "user" } else { "agent" });
+            }
+            Version::V1_0 => {
+                m["role"] = json!(if from_user { "ROLE_USER" } else { "ROLE_AGENT" });
+            }
+        }
+        m
+    }
+
+    /// A task's status: its state, and the question, the failure, the step it runs or the
+    /// answer as a message.
+    pub fn status(self, task: &Task, now_rfc3339: &str) -> Value {
+        let mut s = json!({"state": self.state(task.status), "timestamp": now_rfc3339});
+        let note = match task.status {
+            Status::Completed => crate::runner::Runner::answer(task).map(str::to_string),
+            _ => task.question.clone(),
+        };
+        if let Some(text) = note {
+            s["message"] = self.message(task, format!("{}-status", task.id), false, &text);
+        }
+        s
+    }
+
+    /// The answer of a completed task as its one artifact.
+    fn artifact(self, task: &Task) -> Option<Value> {
+        if task.status != Status::Completed {
+            return None;
+        }
+        let text = crate::runner::Runner::answer(task)?;
+        Some(
+            json!({"artifactId": format!("{}-answer", task.id), "name": "answer",
+            "parts": self.text(text)}),
+        )
+    }
+
+    /// The task, with the user's and agent's messages as history.
+    pub fn task(self, task: &Task, now_rfc3339: &str) -> Value {
+        let history: Vec<Value> = task
+            .messages
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| {
+                let from_user = match m["role"].as_str()? {
+                    "user" => true,
+                    "assistant" => false,
+                    _ => return None,
+                };
+                let text = m["content"].as_str()?;
+                Some(self.message(task, format!("{}-{i}", task.id), from_user, text))
+            })
+            .collect();
+        let mut t = json!({"id": task.id, "contextId": task.meta.context_id,
+            "status": self.status(task, now_rfc3339), "history": history});
+        if self == Version::V0_3 {
+            t["kind"] = json!("task");
+        }
+        if let Some(a) = self.artifact(task) {
+            t["artifacts"] = json!([a]);
+        }
+        t
+    }
+
+    /// The task as the answer to a send, or the first event of a stream.
+    pub fn task_event(self, task: &Task, now_rfc3339: &str) -> Value {
+        match self {
+            Version::V0_3 => self.task(task, now_rfc3339),
+            Version::V1_0 => json!({"task": self.task(task, now_rfc3339)}),
+        }
+    }
+
+    /// A status-update event of a stream.
+    pub fn status_event(self, task: &Task, now_rfc3339: &str) -> Value {
+        let status = self.status(task, now_rfc3339);
+        match self {
+            Version::V0_3 => json!({"kind": "status-update", "taskId": task.id,
+                "contextId": task.meta.context_id, "status": status,
+                "final": is_final(task.status)}),
+            Version::V1_0 => json!({"statusUpdate": {"taskId": task.id,
+                "contextId": task.meta.context_id, "status": status}}),
+        }
+    }
+
+    /// An artifact-update event of a stream, for a completed task's answer.
+    pub fn artifact_event(self, task: &Task) -> Option<Value> {
+        let a = self.artifact(task)?;
+        Some(match self {
+            Version::V0_3 => json!({"kind": "artifact-update", "taskId": task.id,
+                "contextId": task.meta.context_id, "artifact": a, "lastChunk": true}),
+            Version::V1_0 => json!({"artifactUpdate": {"taskId": task.id,
+                "contextId": task.meta.context_id, "artifact": a, "lastChunk": true}}),
+        })
+    }
+}
+
+/// The agent card: who the agent is, where it answers (both revisions, one URL), what it offers.
 pub fn card(m: &Manifest, url: &str) -> Value {
     let skills: Vec<Value> = m
         .skills
@@ -45,6 +237,10 @@ pub fn card(m: &Manifest, url: &str) -> Value {
         "description": m.description,
         "url": url,
         "preferredTransport": "JSONRPC",
+        "supportedInterfaces": [
+            {"url": url, "protocolBinding": "JSONRPC", "protocolVersion": "1.0"},
+            {"url": url, "protocolBinding": "JSONRPC", "protocolVersion": "0.3"},
+        ],
         "version": env!("CARGO_PKG_VERSION"),
         "capabilities": {"streaming": true, "pushNotifications": true,
             "stateTransitionHistory": false},
@@ -54,7 +250,7 @@ pub fn card(m: &Manifest, url: &str) -> Value {
     })
 }
 
-/// The text of a message's text parts.
+/// The text of a message's text parts (either revision).
 pub fn text_of(message: &Value) -> String {
     message["parts"]
         .as_array()
@@ -68,80 +264,9 @@ pub fn text_of(message: &Value) -> String {
         .unwrap_or_default()
 }
 
-fn agent_message(task: &Task, text: &str) -> Value {
-    json!({"kind": "message", "role": "agent", "messageId": format!("{}-status", task.id),
-        "taskId": task.id, "contextId": task.meta.context_id,
-        "parts": [{"kind": "text", "text": text}]})
-}
-
-/// A task's A2A status: its state, and the question, the failure, the step it runs or the
-/// answer as a message.
-pub fn status(task: &Task, now_rfc3339: &str) -> Value {
-    let mut s = json!({"state": task.status.as_str(), "timestamp": now_rfc3339});
-    let note = match task.status {
-        Status::Completed => crate::runner::Runner::answer(task).map(str::to_string),
-        _ => task.question.clone(),
-    };
-    if let Some(text) = note {
-        s["message"] = agent_message(task, &text);
-    }
-    s
-}
-
-/// The answer of a completed task as its one artifact.
-pub fn artifact(task: &Task) -> Option<Value> {
-    if task.status != Status::Completed {
-        return None;
-    }
-    let text = crate::runner::Runner::answer(task)?;
-    Some(
-        json!({"artifactId": format!("{}-answer", task.id), "name": "answer",
-        "parts": [{"kind": "text", "text": text}]}),
-    )
-}
-
-/// The task as A2A shows it, with the user's and agent's messages as history.
-pub fn task_json(task: &Task, now_rfc3339: &str) -> Value {
-    let history: Vec<Value> = task
-        .messages
-        .iter()
-        .enumerate()
-        .filter_map(|(i, m)| {
-            let role = match m["role"].as_str()? {
-                "user" => "user",
-                "assistant" => "agent",
-                _ => return None,
-            };
-            let text = m["content"].as_str()?;
-            Some(json!({"kind": "message", "role": role,
-                "messageId": format!("{}-{i}", task.id), "taskId": task.id,
-                "contextId": task.meta.context_id, "parts": [{"kind": "text", "text": text}]}))
-        })
-        .collect();
-    let mut t = json!({"kind": "task", "id": task.id, "contextId": task.meta.context_id,
-        "status": status(task, now_rfc3339), "history": history});
-    if let Some(a) = artifact(task) {
-        t["artifacts"] = json!([a]);
-    }
-    t
-}
-
 /// Whether a task in this state will not change without a new message.
 pub fn is_final(s: Status) -> bool {
     s != Status::Working
-}
-
-/// A status-update event of `message/stream`.
-pub fn status_event(task: &Task, now_rfc3339: &str) -> Value {
-    json!({"kind": "status-update", "taskId": task.id, "contextId": task.meta.context_id,
-        "status": status(task, now_rfc3339), "final": is_final(task.status)})
-}
-
-/// An artifact-update event of `message/stream`, for a completed task's answer.
-pub fn artifact_event(task: &Task) -> Option<Value> {
-    let a = artifact(task)?;
-    Some(json!({"kind": "artifact-update", "taskId": task.id,
-        "contextId": task.meta.context_id, "artifact": a, "lastChunk": true}))
 }
 
 /// RFC 3339 UTC time from unix milliseconds.

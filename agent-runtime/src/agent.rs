@@ -1,8 +1,8 @@
-//! The agent's A2A server (0.3, JSON-RPC over HTTP), behind its sidecar's inbound listener:
-//! the agent card at `/.well-known/agent-card.json`; `message/send` (blocking, or not with
-//! `configuration.blocking: false`), `message/stream` (SSE: the task, then its status and
-//! artifact events until it is final), `tasks/get`, `tasks/cancel`, and
-//! `tasks/pushNotificationConfig/{set,get}`.
+//! The agent's A2A server (JSON-RPC over HTTP, 1.0 and 0.3 on one URL), behind its sidecar's
+//! inbound listener: the agent card at `/.well-known/agent-card.json`; sending a message
+//! (`SendMessage`/`message/send`: waits for the task unless told not to), streaming one
+//! (`SendStreamingMessage`/`message/stream`, SSE: the task, then its status and artifact events
+//! until it is final), getting and canceling tasks, and their push notification configs.
 //!
 //! A message that names a task waiting for input is the human's answer: the task resumes at the
 //! step that asked, unless the question expired. A message is idempotent by its `messageId`: the
@@ -10,7 +10,7 @@
 //! of their own; a restarted agent resumes its open tasks. Push notifications go through the
 //! sidecar to a mesh name, so policy sees them like any other call.
 
-use crate::a2a::{self, code};
+use crate::a2a::{self, code, Op, Version};
 use crate::runner::Runner;
 use crate::store::{PushConfig, Status, Task, TaskMeta};
 use axum::body::{Body, Bytes};
@@ -149,7 +149,12 @@ impl Agent {
     }
 
     /// The task a message starts or answers, running (unless it waits or is done).
-    fn accept(self: &Arc<Self>, params: &Value, headers: &HeaderMap) -> Result<Task, Fault> {
+    fn accept(
+        self: &Arc<Self>,
+        v: Version,
+        params: &Value,
+        headers: &HeaderMap,
+    ) -> Result<Task, Fault> {
         let message = &params["message"];
         if !message.is_object() {
             return Err(fault(code::INVALID_PARAMS, "params.message is required"));
@@ -180,7 +185,8 @@ impl Agent {
             context_id: message["contextId"]
                 .as_str()
                 .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string),
-            push: push_config(&params["configuration"]["pushNotificationConfig"])?,
+            push: push_config(v.push_of(&params["configuration"]))?,
+            protocol: v.name().to_string(),
             traceparent: headers
                 .get("traceparent")
                 .and_then(|v| v.to_str().ok())
@@ -247,37 +253,27 @@ async fn rpc(State(agent): State<Shared>, headers: HeaderMap, body: Bytes) -> Re
         return jsonrpc(a2a::error(&id, code::INVALID_REQUEST, "no method"));
     };
     let params = &req["params"];
-    let answer = match method {
-        "message/stream" => return stream(agent, id, params, &headers),
-        "message/send" => {
+    let Some((v, op)) = Version::of(method) else {
+        let m = format!("method `{method}` not found");
+        return jsonrpc(a2a::error(&id, code::METHOD_NOT_FOUND, m));
+    };
+    let answer = match op {
+        Op::Stream => return stream(agent, v, id, params, &headers),
+        Op::Send => {
             let watch = agent.runner.watch();
-            match agent.accept(params, &headers) {
-                Ok(t) if params["configuration"]["blocking"] == false => Ok(t),
+            match agent.accept(v, params, &headers) {
+                Ok(t) if v.returns_immediately(&params["configuration"]) => Ok(t),
                 Ok(t) => Ok(agent.settle(watch, t).await),
                 Err(f) => Err(f),
             }
-            .map(|t| a2a::task_json(&t, &agent.now()))
+            .map(|t| v.task_event(&t, &agent.now()))
         }
-        "tasks/get" => agent
+        Op::Get => agent
             .task(params["id"].as_str().unwrap_or(""))
-            .map(|t| a2a::task_json(&t, &agent.now())),
-        "tasks/cancel" => cancel(&agent, params["id"].as_str().unwrap_or("")),
-        "tasks/pushNotificationConfig/set" => set_push(&agent, params),
-        "tasks/pushNotificationConfig/get" => agent
-            .task(params["id"].as_str().unwrap_or(""))
-            .and_then(|t| {
-                let c = t.meta.push.ok_or_else(|| {
-                    fault(
-                        code::INVALID_PARAMS,
-                        "the task has no push notification config",
-                    )
-                })?;
-                Ok(json!({"taskId": t.id, "pushNotificationConfig": {"url": c.url}}))
-            }),
-        other => Err(fault(
-            code::METHOD_NOT_FOUND,
-            format!("method `{other}` not found"),
-        )),
+            .map(|t| v.task(&t, &agent.now())),
+        Op::Cancel => cancel(&agent, v, params["id"].as_str().unwrap_or("")),
+        Op::SetPush => set_push(&agent, v, params),
+        Op::GetPush => get_push(&agent, v, params),
     };
     jsonrpc(match answer {
         Ok(r) => a2a::result(&id, r),
@@ -285,7 +281,7 @@ async fn rpc(State(agent): State<Shared>, headers: HeaderMap, body: Bytes) -> Re
     })
 }
 
-fn cancel(agent: &Shared, id: &str) -> Result<Value, Fault> {
+fn cancel(agent: &Shared, v: Version, id: &str) -> Result<Value, Fault> {
     let mut t = agent.task(id)?;
     if !t.status.is_open() {
         return Err(fault(
@@ -295,20 +291,53 @@ fn cancel(agent: &Shared, id: &str) -> Result<Value, Fault> {
     }
     t.status = Status::Canceled;
     agent.runner.commit(&mut t).map_err(internal)?;
-    Ok(a2a::task_json(&t, &agent.now()))
+    Ok(v.task(&t, &agent.now()))
 }
 
-fn set_push(agent: &Shared, params: &Value) -> Result<Value, Fault> {
+/// The push config as each revision shows it: 0.3 nests it, 1.0 flattens it into the task's.
+fn push_json(v: Version, task_id: &str, c: &PushConfig) -> Value {
+    match v {
+        Version::V0_3 => json!({"taskId": task_id, "pushNotificationConfig": {"url": c.url}}),
+        Version::V1_0 => json!({"taskId": task_id, "id": task_id, "url": c.url}),
+    }
+}
+
+fn set_push(agent: &Shared, v: Version, params: &Value) -> Result<Value, Fault> {
     let mut t = agent.task(params["taskId"].as_str().unwrap_or(""))?;
-    t.meta.push = push_config(&params["pushNotificationConfig"])?;
+    let config = match v {
+        Version::V0_3 => &params["pushNotificationConfig"],
+        Version::V1_0 => params,
+    };
+    t.meta.push = push_config(config)?;
     agent.runner.store.checkpoint(&t).map_err(internal)?;
-    Ok(json!({"taskId": t.id, "pushNotificationConfig": params["pushNotificationConfig"]}))
+    match &t.meta.push {
+        Some(c) => Ok(push_json(v, &t.id, c)),
+        None => Err(fault(
+            code::INVALID_PARAMS,
+            "no push notification config given",
+        )),
+    }
+}
+
+fn get_push(agent: &Shared, v: Version, params: &Value) -> Result<Value, Fault> {
+    let id = match v {
+        Version::V0_3 => params["id"].as_str(),
+        Version::V1_0 => params["taskId"].as_str(),
+    };
+    let t = agent.task(id.unwrap_or(""))?;
+    let c = t.meta.push.as_ref().ok_or_else(|| {
+        fault(
+            code::INVALID_PARAMS,
+            "the task has no push notification config",
+        )
+    })?;
+    Ok(push_json(v, &t.id, c))
 }
 
 /// `message/stream`: the task, then each change as an event, until it is final.
-fn stream(agent: Shared, id: Value, params: &Value, headers: &HeaderMap) -> Response {
+fn stream(agent: Shared, v: Version, id: Value, params: &Value, headers: &HeaderMap) -> Response {
     let watch = agent.runner.watch();
-    let task = match agent.accept(params, headers) {
+    let task = match agent.accept(v, params, headers) {
         Ok(t) => t,
         Err((c, m)) => return jsonrpc(a2a::error(&id, c, m)),
     };
@@ -325,7 +354,7 @@ fn stream(agent: Shared, id: Value, params: &Value, headers: &HeaderMap) -> Resp
                 let frame = |v: Value| format!("data: {}\n\n", a2a::result(&id, v));
                 let (t, mut out) = match first {
                     Some(t) => {
-                        let out = frame(a2a::task_json(&t, &now));
+                        let out = frame(v.task_event(&t, &now));
                         if !a2a::is_final(t.status) {
                             return Some((Ok(Bytes::from(out)), (agent, watch, None, false)));
                         }
@@ -345,10 +374,10 @@ fn stream(agent: Shared, id: Value, params: &Value, headers: &HeaderMap) -> Resp
                         }
                     },
                 };
-                if let Some(a) = a2a::artifact_event(&t) {
+                if let Some(a) = v.artifact_event(&t) {
                     out.push_str(&frame(a));
                 }
-                out.push_str(&frame(a2a::status_event(&t, &now)));
+                out.push_str(&frame(v.status_event(&t, &now)));
                 let fin = a2a::is_final(t.status);
                 Some((
                     Ok::<_, std::convert::Infallible>(Bytes::from(out)),

@@ -164,11 +164,11 @@ impl Runner {
             return Err(RunError::Canceled);
         }
         task.updated_at_ms = self.clock.now_ms();
-        let notice = task
-            .meta
-            .push
-            .is_some()
-            .then(|| a2a::task_json(task, &a2a::rfc3339(task.updated_at_ms)).to_string());
+        let notice = task.meta.push.is_some().then(|| {
+            let v = a2a::Version::named(&task.meta.protocol);
+            v.task_event(task, &a2a::rfc3339(task.updated_at_ms))
+                .to_string()
+        });
         self.store.checkpoint_notify(task, notice.as_deref())?;
         let _ = self.events.send(task.clone());
         Ok(())

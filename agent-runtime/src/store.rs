@@ -82,6 +82,9 @@ pub struct TaskMeta {
     /// The W3C trace context every call of the task carries (the caller's, or the task's own).
     #[serde(default)]
     pub traceparent: String,
+    /// The A2A revision the task was started in (`1.0`, else 0.3): its notifications speak it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub protocol: String,
 }
 
 /// A push-notification target: a mesh name (`agents/<agent>/<path>` or `http/<name>/<path>`)

@@ -1,6 +1,7 @@
 """The official A2A Python SDK (a2a-sdk) as the client of an agentmesh agent, through a sidecar:
-the SDK resolves the agent's card through the sidecar, speaks A2A 0.3 JSON-RPC (the card's
-protocolVersion) to the agent behind the sidecar's `agents/approver` route, sees the task pause
+the SDK resolves the agent's card through the sidecar, speaks A2A JSON-RPC — 1.0, which it
+prefers among the card's interfaces, and 0.3, when only that one is left — to the agent behind
+the sidecar's `agents/approver` route, sees the task pause
 in input-required with the agent's question, answers it, and gets the completed task with its
 artifact; streaming gives status events before the final one; an unknown task is the SDK's
 TaskNotFound error. Every call is in the sidecar's access log as an a2a call."""
@@ -96,13 +97,20 @@ def tasks_of(events) -> list:
     return out
 
 
-def test_the_sdk_pauses_for_input_answers_and_gets_the_artifact(agent_mesh):
+@pytest.mark.parametrize("version", ["1.0", "0.3"])
+def test_the_sdk_pauses_for_input_answers_and_gets_the_artifact(agent_mesh, version):
     async def run():
         async with httpx.AsyncClient(timeout=20) as http:
             card = await A2ACardResolver(http, f"{agent_mesh.base}/agents/approver").get_agent_card()
             assert card.name == "approver"
-            assert card.supported_interfaces[0].url == f"{agent_mesh.base}/agents/approver/"
-            assert card.supported_interfaces[0].protocol_version == "0.3.0"
+            assert [(i.url, i.protocol_version) for i in card.supported_interfaces] == [
+                (f"{agent_mesh.base}/agents/approver/", "1.0"),
+                (f"{agent_mesh.base}/agents/approver/", "0.3"),
+            ]
+            # The SDK takes the newest revision the card offers: leave only the one under test.
+            keep = [i for i in card.supported_interfaces if i.protocol_version == version]
+            del card.supported_interfaces[:]
+            card.supported_interfaces.extend(keep)
             client = ClientFactory(ClientConfig(httpx_client=http, streaming=False)).create(card)
 
             first = tasks_of(await collect(client, user_message("the brief")))
@@ -137,5 +145,10 @@ def test_the_sdk_pauses_for_input_answers_and_gets_the_artifact(agent_mesh):
     calls = agent_mesh.wait_calls(6)
     a2a = [c for c in calls if c["kind"] == "a2a"]
     methods = {c["a2a"]["method"] for c in a2a if c.get("a2a")}
-    assert {"message/send", "tasks/get", "message/stream"} <= methods, json.dumps(a2a, indent=1)
+    expected = {
+        "1.0": {"SendMessage", "GetTask", "SendStreamingMessage"},
+        "0.3": {"message/send", "tasks/get", "message/stream"},
+    }[version]
+    assert expected <= methods, json.dumps(a2a, indent=1)
+
     assert all(c["target"] == "agents/approver" for c in a2a)

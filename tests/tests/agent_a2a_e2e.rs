@@ -365,3 +365,89 @@ async fn a_killed_agent_resumes_its_task_without_repeating_the_completed_call() 
         .unwrap()
         .starts_with("Summarize 3 results for 'agent meshes'"));
 }
+
+/// A peer agent that answers every message at once, quoting it.
+async fn quoting_peer() -> (u16, Seen) {
+    server(|_, v: Value| async move {
+        let text = v["params"]["message"]["parts"][0]["text"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let done = json!({"jsonrpc": "2.0", "id": 1, "result": {"kind": "task", "id": "p1",
+            "contextId": "c", "status": {"state": "completed"},
+            "artifacts": [{"artifactId": "a", "parts": [{"kind": "text", "text": format!("peer says: {text}")}]}]}});
+        axum::response::Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(axum::body::Body::from(format!("data: {done}\n\n")))
+            .unwrap()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_delegates_by_name_and_a_workflow_by_skill() {
+    let dir = Scratch::new("a2a-delegate");
+    let script = dir.path("script.yaml");
+    std::fs::write(
+        &script,
+        "rules: [{match: 'Ask the peer', tool_call: {name: agent__peer, arguments: {message: hello peer}}}]\n",
+    )
+    .unwrap();
+    let llm = Fixture::mock_llm(&dir, &["--script", script.to_str().unwrap()]).await;
+    let tools = Fixture::mcp_tools(&dir).await;
+    let (peer, asked) = quoting_peer().await;
+    let sidecar = Sidecar::start(
+        &dir,
+        &format!(
+            "upstreams:\n  - {{name: llm/openai, endpoints: [\"{}\"]}}\n  - {{name: mcp/search, endpoints: [\"{}\"]}}\n  - {{name: agents/peer, endpoints: [\"http://127.0.0.1:{peer}\"]}}\nroutes:\n  - {{name: agents/by-skill/summarize, upstreams: [agents/peer]}}\n",
+            llm.url(""),
+            tools.url("/mcp")
+        ),
+    )
+    .await;
+
+    // The model asks for `agent__peer`: the runtime delegates over A2A and hands back the answer.
+    let planned = Agent::start(
+        &Scratch::new("a2a-delegate-planned"),
+        &sidecar,
+        "collaborators: [{agent: peer}]\n",
+    )
+    .await;
+    let r = planned
+        .send(message("p1", "Ask the peer what it knows"), json!({}))
+        .await;
+    assert_eq!(r["result"]["status"]["state"], "completed", "{r}");
+    assert_eq!(
+        r["result"]["artifacts"][0]["parts"][0]["text"],
+        "The tool answered: peer says: hello peer"
+    );
+
+    // A workflow step to `skill:summarize` goes to whichever agent offers it.
+    let flow = Agent::start(
+        &Scratch::new("a2a-delegate-skill"),
+        &sidecar,
+        "collaborators: [{skill: summarize}]\nworkflow:\n  - {id: sum, agent: {to: 'skill:summarize', message: 'Summarize {{input}}'}}\n",
+    )
+    .await;
+    let r = flow.send(message("s1", "the report"), json!({})).await;
+    assert_eq!(r["result"]["status"]["state"], "completed", "{r}");
+    assert_eq!(
+        r["result"]["artifacts"][0]["parts"][0]["text"],
+        "peer says: Summarize the report"
+    );
+
+    let asked = asked.lock().unwrap().clone();
+    assert_eq!(asked.len(), 2);
+    assert!(asked.iter().all(|(_, v)| v["method"] == "message/stream"));
+    let calls = sidecar.calls();
+    let a2a: Vec<&str> = calls
+        .iter()
+        .filter(|c| c["kind"] == "a2a")
+        .filter_map(|c| c["target"].as_str())
+        .collect();
+    assert_eq!(
+        a2a,
+        ["agents/peer", "agents/by-skill/summarize"],
+        "{calls:?}"
+    );
+}

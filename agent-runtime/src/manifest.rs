@@ -313,6 +313,38 @@ workflow:
         assert_eq!(m.workflow[3].ask.as_deref(), Some("Publish?"));
     }
 
+    /// The YAML blocks of docs/agents.md, in order.
+    fn doc_blocks() -> Vec<String> {
+        let doc = include_str!("../../docs/agents.md");
+        doc.split("```yaml\n")
+            .skip(1)
+            .filter_map(|b| b.split("```").next().map(str::to_string))
+            .collect()
+    }
+
+    #[test]
+    fn the_documented_manifest_and_workflow_load() {
+        let blocks = doc_blocks();
+        let m = Manifest::from_yaml(&blocks[0], "docs/agents.md").unwrap();
+        assert_eq!(m.name, "researcher");
+        assert_eq!(
+            m.questions_expire_after,
+            std::time::Duration::from_secs(72 * 3600)
+        );
+        assert_eq!(
+            m.card_url.as_deref(),
+            Some("http://127.0.0.1:15001/agents/researcher/")
+        );
+        // The workflow example, on a manifest with the servers and collaborators it names.
+        let with_flow = format!(
+            "name: p\nmodel: {{provider: openai, name: m}}\ntools: [search-tools, files]\ncollaborators: [{{agent: researcher}}]\n{}",
+            blocks[1]
+        );
+        let m = Manifest::from_yaml(&with_flow, "docs/agents.md").unwrap();
+        let ids: Vec<&str> = m.workflow.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["plan", "search", "research", "approve", "publish"]);
+    }
+
     #[test]
     fn errors_name_the_file_and_the_field() {
         let cases = [

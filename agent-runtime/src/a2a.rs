@@ -269,28 +269,8 @@ pub fn is_final(s: Status) -> bool {
     s != Status::Working
 }
 
-/// RFC 3339 UTC time from unix milliseconds.
-pub fn rfc3339(ms: u64) -> String {
-    let secs = (ms / 1000) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ms % 1000
-    )
-}
+/// RFC 3339 UTC time from unix milliseconds (tasks' timestamps).
+pub use agentmesh_control_api::rfc3339_ms as rfc3339;
 
 /// The sidecar path of a collaborator: `agents/<name>` or, for `skill:<id>`,
 /// `agents/by-skill/<id>`.
@@ -324,12 +304,7 @@ pub async fn delegate(
     }
     let r = req.send().await.map_err(|e| e.to_string())?;
     let status = r.status();
-    let ctype = r
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let ctype = crate::content_type(&r);
     if !ctype.starts_with("text/event-stream") {
         let v: Value = r.json().await.unwrap_or(Value::Null);
         return Err(match v.get("error") {
@@ -379,13 +354,6 @@ pub async fn delegate(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rfc3339_formats_unix_milliseconds() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(1_764_583_261_042), "2025-12-01T10:01:01.042Z");
-        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
-    }
 
     #[test]
     fn collaborators_are_reached_by_name_or_skill() {

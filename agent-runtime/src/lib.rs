@@ -14,3 +14,12 @@ pub mod mock_llm;
 pub mod runner;
 pub mod serve;
 pub mod store;
+
+/// A response's content type, or empty.
+pub(crate) fn content_type(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}

@@ -219,12 +219,7 @@ impl Runner {
             .get("mcp-session-id")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let ctype = r
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
+        let ctype = crate::content_type(&r);
         let body = r.text().await.map_err(|e| call_error(&what, e))?;
         let result = jsonrpc_result(&body, &ctype).map_err(|m| call_error(&what, m));
         if !status.is_success() && result.is_ok() {

@@ -44,6 +44,50 @@ pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result
     write_atomically_with(path, bytes, false)
 }
 
+/// RFC 3339 UTC time, to the millisecond, from unix milliseconds (`2026-11-18T11:06:40.007Z`):
+/// the decision log's and the A2A tasks' timestamps.
+pub fn rfc3339_ms(unix_ms: u64) -> String {
+    let secs = (unix_ms / 1000) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        unix_ms % 1000
+    )
+}
+
 pub mod identity;
 pub mod jwt;
 pub mod verify;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_ms_is_utc_to_the_millisecond() {
+        assert_eq!(super::rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            super::rfc3339_ms(1_795_000_000_007),
+            "2026-11-18T11:06:40.007Z"
+        );
+        assert_eq!(
+            super::rfc3339_ms(951_782_400_000),
+            "2000-02-29T00:00:00.000Z"
+        );
+        assert_eq!(
+            super::rfc3339_ms(1_764_583_261_042),
+            "2025-12-01T10:01:01.042Z"
+        );
+    }
+}

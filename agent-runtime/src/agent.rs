@@ -5,8 +5,8 @@
 //! until it is final), getting and canceling tasks, and their push notification configs.
 //!
 //! A message that names a task waiting for input is the human's answer: the task resumes at the
-//! step that asked, unless the question expired. A message is idempotent by its `messageId`: the
-//! same message again gets the task it made. Tasks run on the async runtime, never on a thread
+//! step that asked, unless the question expired. A message is idempotent: the same message (id,
+//! context and text) again gets the task it made. Tasks run on the async runtime, never on a thread
 //! of their own; a restarted agent resumes its open tasks. Push notifications go through the
 //! sidecar to a mesh name, so policy sees them like any other call.
 
@@ -62,12 +62,12 @@ fn push_config(v: &Value) -> Result<Option<PushConfig>, Fault> {
     }))
 }
 
-/// The task id a message makes: the same message id always makes the same task.
-fn task_id(message_id: &str) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    message_id.hash(&mut h);
-    format!("task-{:016x}", h.finish())
+/// The task id a message makes: the same message (id, context and text) sent again is the same
+/// task — a retry — while another client's message that happens to reuse an id is not.
+fn task_id(message: &Value, text: &str) -> String {
+    let part = |k: &str| message[k].as_str().unwrap_or("").to_string();
+    let h = crate::store::stable_hash(&[&part("messageId"), &part("contextId"), text]);
+    format!("task-{h:016x}")
 }
 
 impl Agent {
@@ -174,10 +174,13 @@ impl Agent {
             self.spawn(task.clone());
             return Ok(task);
         }
-        let message_id = message["messageId"]
-            .as_str()
-            .ok_or_else(|| fault(code::INVALID_PARAMS, "params.message.messageId is required"))?;
-        let id = task_id(message_id);
+        if !message["messageId"].is_string() {
+            return Err(fault(
+                code::INVALID_PARAMS,
+                "params.message.messageId is required",
+            ));
+        }
+        let id = task_id(message, &text);
         if let Some(t) = self.runner.store.task(&id).map_err(internal)? {
             return Ok(t);
         }

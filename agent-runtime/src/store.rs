@@ -327,10 +327,21 @@ fn to_task((id, status, step, messages, question, at, meta): Row) -> Result<Task
 /// The idempotency key of a call: the task, the step and what is called with what, so that the
 /// same call at the same step after a restart finds its result.
 pub fn call_key(step: u32, target: &str, arguments: &Value) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    arguments.to_string().hash(&mut h);
-    format!("{step}:{target}:{:016x}", h.finish())
+    format!(
+        "{step}:{target}:{:016x}",
+        stable_hash(&[&arguments.to_string()])
+    )
+}
+
+/// FNV-1a over the parts (each ended by a 0 byte): the same everywhere and in every build, as
+/// keys kept on disk must be (std's hasher is allowed to change between Rust releases).
+pub fn stable_hash(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in parts.iter().flat_map(|p| p.bytes().chain([0])) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
 #[cfg(test)]
@@ -398,6 +409,19 @@ mod tests {
         assert_eq!(
             store.call_result("t1", &key).unwrap(),
             Some(json!({"hits": 3}))
+        );
+    }
+
+    #[test]
+    fn keys_are_stable_across_builds() {
+        // Fixed values: a key written by one build must be found by the next.
+        assert_eq!(stable_hash(&[]), 0xcbf2_9ce4_8422_2325);
+        // FNV-1a of "a\0", computed apart from this code.
+        assert_eq!(stable_hash(&["a"]), 0x089b_e207_b544_f1e4);
+        assert_ne!(stable_hash(&["ab", "c"]), stable_hash(&["a", "bc"]));
+        assert_eq!(
+            call_key(2, "search__web_search", &json!({"q": "x"})),
+            "2:search__web_search:70482bbecc420ee4"
         );
     }
 

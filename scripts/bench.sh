@@ -11,6 +11,7 @@
 # BENCH_SET=policy: the llm/ route under no-op, demo and library policies (interpreter, bytecode,
 #   cached). BENCH_SET=telemetry: the llm/ route with telemetry off (metrics only, access log
 #   off) and on (access log to a file, a span per call exported over OTLP/gRPC to otlp-sink).
+#   BENCH_SET=cache: the llm/ route under the demo policy, decision cache off and auto.
 #   BENCH_SIZES="small large" (default) picks the answers measured.
 # Targets are measured in turn, round after round, and each is compared with nginx round by round
 # (median per-round difference and a sign test), since one run's p99 moves by ~0.1 ms.
@@ -102,13 +103,17 @@ case "${BENCH_SET:-proxy}" in
     sidecar library-bytecode "{path: $LIBRARY, engine: bytecode}"
     sidecar library-cached "{path: $LIBRARY, cache: {ttl: 60s, ignore: [/input/budget]}}"
     targets=("allow-all=llm/openai" "demo=llm/openai" "library=llm/openai" "library-bytecode=llm/openai" "library-cached=llm/openai") ;;
+  cache) # the llm/ and http/ routes under the demo policy, its decision cache off and auto
+    sidecar cache-off "{path: $PWD/examples/local/policy, cache: {mode: off}}"
+    sidecar cache-auto "{path: $PWD/examples/local/policy}"
+    targets=("cache-off=llm/openai" "cache-auto=llm/openai") ;;
   telemetry) # the llm/ route with telemetry off (metrics only) and on (+ access log + OTLP spans)
     OT=$(port)
     $LOAD target/release/otlp-sink "127.0.0.1:$OT" 2>"$W/otlp-sink.log" & pids+=($!)
     sidecar telemetry-off "$ALLOW_ALL"
     sidecar telemetry-on "$ALLOW_ALL" "telemetry: {traces: {endpoint: \"http://127.0.0.1:$OT\"}}" "$W/access.jsonl"
     targets=("telemetry-off=llm/openai" "telemetry-on=llm/openai") ;;
-  *) echo "bench: BENCH_SET is proxy, policy or telemetry"; exit 1 ;;
+  *) echo "bench: BENCH_SET is proxy, policy, cache or telemetry"; exit 1 ;;
 esac
 $LOAD "$NGINX" -c "$W/upstream.conf" & pids+=($!)
 $PROXY "$NGINX" -c "$W/proxy.conf" & pids+=($!)

@@ -250,7 +250,11 @@ impl Admin {
                             "modules": p.modules(),
                             "mode": snap.config.policy.mode,
                             "engine": p.engine(),
-                            "cached_decisions": p.cache_entries(),
+                            "reads": p.reads().pointers(),
+                            "cache": p.cache_key().map(|key| json!({
+                                "key": key,
+                                "entries": p.cache_entries(),
+                            })),
                         })),
                         "config": snap.config.redacted(),
                     }),

@@ -256,9 +256,8 @@ pub struct PolicyConfig {
     pub mode: PolicyMode,
     /// `interpreter` (default, the reference semantics) or `bytecode` (faster).
     pub engine: agentmesh_policy::EngineKind,
-    /// Reuse decisions for identical inputs (off unless set). The policy must not read
-    /// `input.time`, which is left out of cached inputs.
-    pub cache: Option<PolicyCache>,
+    /// Reuse a decision for calls that agree on every input path the policy reads.
+    pub cache: PolicyCache,
     /// Input paths removed from decision-log entries (`/input/...`, as OPA's masks).
     pub decision_log_mask: Vec<String>,
     /// The window `input.budget.spent_usd` counts over (fixed, aligned to UTC midnight for
@@ -267,22 +266,31 @@ pub struct PolicyConfig {
     pub budget_window: Duration,
 }
 
+/// The decision cache (docs/policy.md): keyed on the input paths the policy reads.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct PolicyCache {
+    /// `auto` (default: on unless the policy reads `input.time` or the whole input, or calls a
+    /// non-deterministic builtin), `on` or `off`.
+    pub mode: agentmesh_policy::CacheMode,
     /// How long a decision is reused.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
-    #[serde(default = "default_cache_entries")]
     pub max_entries: u64,
-    /// Input paths left out of the cache key (e.g. `/input/budget`, which changes with every
-    /// LLM call): decisions are reused while they change.
-    #[serde(default)]
+    /// Input paths left out of the key although the policy reads them (e.g. `/input/budget`,
+    /// which changes with every LLM call): decisions are reused while they change.
     pub ignore: Vec<String>,
 }
 
-fn default_cache_entries() -> u64 {
-    10_000
+impl Default for PolicyCache {
+    fn default() -> Self {
+        PolicyCache {
+            mode: agentmesh_policy::CacheMode::Auto,
+            ttl: Duration::from_secs(10),
+            max_entries: 10_000,
+            ignore: Vec::new(),
+        }
+    }
 }
 
 impl Default for PolicyConfig {
@@ -292,7 +300,7 @@ impl Default for PolicyConfig {
             decision: agentmesh_policy::DEFAULT_DECISION_PATH.into(),
             mode: PolicyMode::Enforce,
             engine: agentmesh_policy::EngineKind::Interpreter,
-            cache: None,
+            cache: PolicyCache::default(),
             decision_log_mask: vec!["/input/mcp/arguments".into()],
             budget_window: Duration::from_secs(86_400),
         }
@@ -486,7 +494,7 @@ impl Config {
                 format!("`{d}` is not a rule path like `data.agentmesh.authz.decision`"),
             ));
         }
-        let ignored = self.policy.cache.iter().flat_map(|c| &c.ignore);
+        let ignored = self.policy.cache.ignore.iter();
         let paths = self
             .policy
             .decision_log_mask
@@ -507,14 +515,13 @@ impl Config {
                 "must be at least 1s".into(),
             ));
         }
-        if let Some(c) = &self.policy.cache {
-            if c.ttl.is_zero() || c.max_entries == 0 {
-                return Err(invalid(
-                    "policy.cache".into(),
-                    "ttl and max_entries must be greater than 0 (leave `cache` out to turn it off)"
-                        .into(),
-                ));
-            }
+        let c = &self.policy.cache;
+        if c.ttl.is_zero() || c.max_entries == 0 {
+            return Err(invalid(
+                "policy.cache".into(),
+                "ttl and max_entries must be greater than 0 (`mode: off` turns the cache off)"
+                    .into(),
+            ));
         }
         if self.limits.max_inspect_body_bytes == 0 {
             return Err(invalid(

@@ -206,11 +206,9 @@ impl Desired {
                 .map_err(|e| err(e.to_string()))?;
         }
         let compile = |sources: &agentmesh_policy::Sources| {
-            let mut policy =
-                Policy::compile(sources, &config.policy.decision, config.policy.engine)?;
-            if let Some(c) = &config.policy.cache {
-                policy = policy.with_cache(c.ttl, c.max_entries, &c.ignore);
-            }
+            let c = &config.policy.cache;
+            let policy = Policy::compile(sources, &config.policy.decision, config.policy.engine)?
+                .with_cache(c.mode, c.ttl, c.max_entries, &c.ignore)?;
             Ok::<_, PolicyError>(Some(Arc::new(policy)))
         };
         let policy = match (&pushed_policy, &config.policy.path) {

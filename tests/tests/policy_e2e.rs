@@ -477,11 +477,13 @@ decision := {"allow": false, "status": 429, "reason": sprintf("daily budget spen
 }
 
 #[tokio::test]
-async fn the_bytecode_engine_and_the_decision_cache_are_configured_per_policy() {
+async fn the_decision_cache_keys_on_what_the_policy_reads_by_default() {
+    // No `cache` section: `auto`, on for this policy (it reads neither the time nor the whole
+    // input, and calls no non-deterministic builtin).
     let m = mesh(
         "policy-cache",
         POLICY,
-        "policy: {path: \"{DIR}\", engine: bytecode, cache: {ttl: 60s, ignore: [/input/budget]}}",
+        "policy: {path: \"{DIR}\", engine: bytecode}",
         "",
     )
     .await;
@@ -491,11 +493,20 @@ async fn the_bytecode_engine_and_the_decision_cache_are_configured_per_policy() 
     }
     let d = m.sc.config_dump().await;
     assert_eq!(d["policy"]["engine"], "bytecode");
-    // Six calls, two distinct inputs (the spend changed between them, but it is ignored).
+    assert_eq!(
+        d["policy"]["cache"]["key"],
+        json!([
+            "/input/destination/kind",
+            "/input/llm/model",
+            "/input/mcp/tool",
+            "/input/request/headers/x-team"
+        ])
+    );
+    // Six calls, two distinct keys: the spend and the time changed between them, unread.
     let cached =
-        m.sc.wait_dump(|d| d["policy"]["cached_decisions"].as_u64() == Some(2))
+        m.sc.wait_dump(|d| d["policy"]["cache"]["entries"].as_u64() == Some(2))
             .await;
-    assert_eq!(cached["policy"]["cached_decisions"], 2);
+    assert_eq!(cached["policy"]["cache"]["entries"], 2);
     let st = stats(&m.sc).await;
     assert_eq!(st["policy"]["allowed"], 3);
     assert_eq!(st["policy"]["denied"], 3);

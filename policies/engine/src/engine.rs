@@ -5,6 +5,7 @@
 //! way no call parses or compiles Rego, and evaluation stops at a wall-clock limit, so a runaway
 //! rule cannot stall the sidecar.
 
+use crate::reads::{pointer, Reads};
 use crate::rego_value::to_rego;
 use crate::{Decision, Input, PolicyError, Sources};
 use regorus::rvm::{Program, RegoVM};
@@ -28,6 +29,89 @@ pub enum EngineKind {
     Bytecode,
 }
 
+/// Whether decisions are reused (docs/policy.md, "The decision cache").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// On where reusing a decision is exact (see `Policy::with_cache`).
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+/// Decisions by the values of the input paths the policy reads.
+#[derive(Debug)]
+struct DecisionCache {
+    decisions: moka::sync::Cache<String, Decision>,
+    /// The paths the key is made of, each with the ignored paths below it.
+    parts: Vec<(Vec<String>, Vec<Vec<String>>)>,
+}
+
+impl DecisionCache {
+    fn new(reads: &Reads, ttl: Duration, max_entries: u64, ignore: &[String]) -> DecisionCache {
+        let ignore: Vec<Vec<String>> = ignore
+            .iter()
+            .filter_map(|p| p.strip_prefix("/input"))
+            .map(|p| {
+                p.split('/')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .collect();
+        // `input.time` is left out of a whole-input key (`On` only): it is never the same twice.
+        let time = vec!["time".to_string()];
+        let parts = reads
+            .paths
+            .iter()
+            .filter(|(p, _)| !ignore.iter().any(|i| p.starts_with(i)))
+            .map(|(p, _)| {
+                let below = ignore
+                    .iter()
+                    .chain(p.is_empty().then_some(&time))
+                    .filter(|i| i.len() > p.len() && i.starts_with(p))
+                    .map(|i| i[p.len()..].to_vec())
+                    .collect();
+                (p.clone(), below)
+            })
+            .collect();
+        DecisionCache {
+            decisions: moka::sync::Cache::builder()
+                .time_to_live(ttl)
+                .max_capacity(max_entries)
+                .build(),
+            parts,
+        }
+    }
+
+    fn pointers(&self) -> Vec<String> {
+        self.parts.iter().map(|(p, _)| pointer(p)).collect()
+    }
+
+    /// The JSON of each keyed path's value, one per line (`~` where the input has none).
+    fn key(&self, input: &regorus::Value) -> Result<String, PolicyError> {
+        let json = |e: serde_json::Error| PolicyError::Eval(format!("cache key: {e}"));
+        let mut key = String::new();
+        for (path, below) in &self.parts {
+            let v = path.iter().fold(input, |v, step| &v[step.as_str()]);
+            if *v == regorus::Value::Undefined {
+                key.push('~');
+            } else if below.is_empty() {
+                key.push_str(&serde_json::to_string(v).map_err(json)?);
+            } else {
+                let mut tree = serde_json::to_value(v).map_err(json)?;
+                for b in below {
+                    remove_input_path(&mut tree, &pointer(b));
+                }
+                key.push_str(&tree.to_string());
+            }
+            key.push('\n');
+        }
+        Ok(key)
+    }
+}
+
 /// One policy revision, ready to decide. Cheap to share: clone the `Arc` it lives in.
 #[derive(Debug)]
 pub struct Policy {
@@ -39,10 +123,10 @@ pub struct Policy {
     /// The bytecode, when the bytecode engine was asked for.
     program: Option<Arc<Program>>,
     data: regorus::Value,
-    /// Decisions by input document (without `time`), when the policy opted in.
-    cache: Option<moka::sync::Cache<String, Decision>>,
-    /// Input paths (`/input/budget`) left out of the cache key.
-    cache_ignore: Vec<String>,
+    /// What the modules read of the input (the cache's key).
+    reads: Reads,
+    /// Decisions by what the policy reads of the input, when the cache is on.
+    cache: Option<DecisionCache>,
     decision_path: String,
     revision: String,
     modules: Vec<String>,
@@ -86,8 +170,8 @@ impl Policy {
             compiled,
             program,
             data: data_value(sources)?,
+            reads: Reads::of(sources)?,
             cache: None,
-            cache_ignore: Vec::new(),
             decision_path: decision_path.to_string(),
             revision: sources.revision.clone(),
             modules: sources.modules.iter().map(|(p, _)| p.clone()).collect(),
@@ -107,44 +191,73 @@ impl Policy {
         &self.modules
     }
 
-    /// Turns on the decision cache: a decision is reused for an identical input document for
-    /// `ttl`. With it, `input.time` is left out of the document (it would make every input
-    /// unique), so a cached policy must not read it. `ignore` lists input paths
-    /// (`/input/budget`) left out of the key only: a decision is reused while they change.
-    /// Evaluation errors are never cached.
-    pub fn with_cache(mut self, ttl: Duration, max_entries: u64, ignore: &[String]) -> Self {
-        self.cache_ignore = ignore.to_vec();
-        self.cache = Some(
-            moka::sync::Cache::builder()
-                .time_to_live(ttl)
-                .max_capacity(max_entries)
-                .build(),
-        );
-        self
+    /// Sets up the decision cache (docs/policy.md): a decision is reused for `ttl` by any call
+    /// whose input agrees with the decided one on every path the policy reads (`Reads`), less
+    /// the `ignore`d paths (`/input/budget`: reused while the spend changes). `Auto` turns it on
+    /// only where that is exact: the policy calls no non-deterministic builtin and reads neither
+    /// `input.time` nor the whole input. `On` turns it on for any policy but one that reads
+    /// `input.time` (no decision could be reused; an error naming where). Evaluation errors are
+    /// never cached.
+    pub fn with_cache(
+        mut self,
+        mode: CacheMode,
+        ttl: Duration,
+        max_entries: u64,
+        ignore: &[String],
+    ) -> Result<Self, PolicyError> {
+        let reads_time = self.reads.reads_field("time");
+        let whole = self.reads.paths.iter().any(|(p, _)| p.is_empty());
+        let time_ignored = ignore.iter().any(|i| i == "/input/time");
+        self.cache = match mode {
+            CacheMode::Off => None,
+            CacheMode::Auto if reads_time.is_some() || whole || !self.reads.impure.is_empty() => {
+                None
+            }
+            CacheMode::On if reads_time.is_some() && !time_ignored => {
+                return Err(PolicyError::Compile(format!(
+                    "{}: the policy reads input.time, so the decision cache could reuse no decision: set the cache's mode to `auto` or `off`, or ignore /input/time",
+                    reads_time.expect("checked")
+                )))
+            }
+            CacheMode::Auto | CacheMode::On => {
+                Some(DecisionCache::new(&self.reads, ttl, max_entries, ignore))
+            }
+        };
+        Ok(self)
+    }
+
+    /// What the policy reads of its input, and which non-deterministic builtins it calls.
+    pub fn reads(&self) -> &Reads {
+        &self.reads
+    }
+
+    /// The input paths a cached decision is keyed on (`None`: the cache is off).
+    pub fn cache_key(&self) -> Option<Vec<String>> {
+        self.cache.as_ref().map(DecisionCache::pointers)
     }
 
     /// Evaluates the decision rule on `input`. An undefined decision is a deny.
     pub fn decide(&self, input: &Input) -> Result<Decision, PolicyError> {
+        let to_value = || to_rego(input).map_err(|e| PolicyError::Eval(format!("input: {e}")));
         let Some(cache) = &self.cache else {
-            let value = to_rego(input).map_err(|e| PolicyError::Eval(format!("input: {e}")))?;
-            return self.decide_value(value);
+            return self.decide_value(to_value()?);
         };
-        let json = without_time(input)?;
-        let key = if self.cache_ignore.is_empty() {
-            json.clone()
-        } else {
-            let mut v: serde_json::Value =
-                serde_json::from_str(&json).map_err(|e| PolicyError::Eval(e.to_string()))?;
-            for path in &self.cache_ignore {
-                remove_input_path(&mut v, path);
+        // A policy that reads nothing of its input needs no input to find its decision.
+        let (key, value) = match cache.parts.is_empty() {
+            true => (String::new(), None),
+            false => {
+                let value = to_value()?;
+                (cache.key(&value)?, Some(value))
             }
-            v.to_string()
         };
-        if let Some(d) = cache.get(&key) {
+        if let Some(d) = cache.decisions.get(&key) {
             return Ok(d);
         }
-        let d = self.decide_json(&json)?;
-        cache.insert(key, d.clone());
+        let d = self.decide_value(match value {
+            Some(v) => v,
+            None => to_value()?,
+        })?;
+        cache.decisions.insert(key, d.clone());
         Ok(d)
     }
 
@@ -152,16 +265,9 @@ impl Policy {
     pub fn cache_entries(&self) -> Option<u64> {
         self.cache.as_ref().map(|c| {
             // moka counts lazily; settle pending inserts first (admin path, not per call).
-            c.run_pending_tasks();
-            c.entry_count()
+            c.decisions.run_pending_tasks();
+            c.decisions.entry_count()
         })
-    }
-
-    /// Evaluates the decision rule on an input given as JSON text (the cached path's key).
-    fn decide_json(&self, input_json: &str) -> Result<Decision, PolicyError> {
-        let input = regorus::Value::from_json_str(input_json)
-            .map_err(|e| PolicyError::Eval(format!("input: {e}")))?;
-        self.decide_value(input)
     }
 
     fn decide_value(&self, input: regorus::Value) -> Result<Decision, PolicyError> {
@@ -171,20 +277,6 @@ impl Policy {
         }
         .map_err(|e| PolicyError::Eval(one_line(&e)))?;
         to_decision(&value, &self.decision_path)
-    }
-}
-
-/// The input document as JSON without `time`: the cache key, and what a cached policy
-/// evaluates. `time` is the document's last field, so it is the serialization's tail.
-fn without_time(input: &Input) -> Result<String, PolicyError> {
-    let mut json = serde_json::to_string(input).map_err(|e| PolicyError::Eval(e.to_string()))?;
-    match json.rfind(",\"time\":") {
-        Some(at) => {
-            json.truncate(at);
-            json.push('}');
-            Ok(json)
-        }
-        None => Err(PolicyError::Eval("input without `time`".into())),
     }
 }
 
@@ -456,55 +548,143 @@ decision := {"allow": true, "headers": {"x-policy": "models"}} if {
         ));
     }
 
-    #[test]
-    fn the_cache_reuses_decisions_for_the_same_input_at_any_time() {
-        let key = without_time(&llm_input("planner", "x")).unwrap();
-        assert!(!key.contains("time") && key.ends_with("}}"), "{key}");
-        let v: serde_json::Value = serde_json::from_str(&key).unwrap();
-        assert_eq!(v["llm"]["model"], "x");
-
-        // A policy whose answer we can change under the cache: it reads data we swap.
-        let p = Policy::compile(
-            &sources(MODELS),
+    fn cached(rego: &str, mode: CacheMode, ignore: &[&str]) -> Result<Policy, PolicyError> {
+        let ignore: Vec<String> = ignore.iter().map(|s| s.to_string()).collect();
+        Policy::compile(
+            &sources(rego),
             DEFAULT_DECISION_PATH,
             EngineKind::Interpreter,
         )
         .unwrap()
-        .with_cache(Duration::from_secs(60), 100, &[]);
+        .with_cache(mode, Duration::from_secs(60), 100, &ignore)
+    }
+
+    fn with_budget(mut i: Input, spent: f64) -> Input {
+        i.budget = Some(crate::input::Budget {
+            spent_usd: spent,
+            window: "24h".into(),
+        });
+        i
+    }
+
+    #[test]
+    fn the_cache_keys_on_what_the_policy_reads() {
+        let p = cached(MODELS, CacheMode::Auto, &[]).unwrap();
+        assert_eq!(
+            p.cache_key().unwrap(),
+            ["/input/llm/model", "/input/source/agent"]
+        );
+        // The time, a header, the budget: none is read, so the decision is reused.
         let mut a = llm_input("planner", "gpt-4o-mini");
         assert!(p.decide(&a).unwrap().allow);
         a.time = "2030-01-01T00:00:00Z".into();
-        assert!(p.decide(&a).unwrap().allow);
-        p.cache.as_ref().unwrap().run_pending_tasks();
-        assert_eq!(p.cache_entries(), Some(1), "time is not part of the key");
-        assert!(!p.decide(&llm_input("planner", "gpt-5")).unwrap().allow);
-        p.cache.as_ref().unwrap().run_pending_tasks();
-        assert_eq!(p.cache_entries(), Some(2));
-        // Served from the cache: a poisoned entry is what comes back.
-        p.cache
-            .as_ref()
-            .unwrap()
-            .insert(without_time(&a).unwrap(), Decision::deny("cached"));
-        assert_eq!(p.decide(&a).unwrap().reason.as_deref(), Some("cached"));
-
-        // Ignored paths do not make a new key: the budget changes, the decision is reused.
-        let p = Policy::compile(
-            &sources(MODELS),
-            DEFAULT_DECISION_PATH,
-            EngineKind::Interpreter,
-        )
-        .unwrap()
-        .with_cache(Duration::from_secs(60), 100, &["/input/budget".into()]);
-        for spent in [1.0, 2.0, 3.0] {
-            let mut i = llm_input("planner", "gpt-4o-mini");
-            i.budget = Some(crate::input::Budget {
-                spent_usd: spent,
-                window: "24h".into(),
-            });
-            assert!(p.decide(&i).unwrap().allow);
-        }
-        p.cache.as_ref().unwrap().run_pending_tasks();
+        a.request.headers.insert("x-request-id".into(), "r2".into());
+        assert!(p.decide(&with_budget(a.clone(), 3.0)).unwrap().allow);
         assert_eq!(p.cache_entries(), Some(1));
+        assert!(!p.decide(&llm_input("planner", "gpt-5")).unwrap().allow);
+        assert!(!p.decide(&llm_input("writer", "gpt-4o-mini")).unwrap().allow);
+        assert_eq!(p.cache_entries(), Some(3));
+        // Served from the cache: a poisoned entry is what comes back.
+        let c = p.cache.as_ref().unwrap();
+        c.decisions.insert(
+            c.key(&to_rego(&a).unwrap()).unwrap(),
+            Decision::deny("cached"),
+        );
+        assert_eq!(p.decide(&a).unwrap().reason.as_deref(), Some("cached"));
+        // A policy that reads nothing has one decision for every input.
+        let p = cached(
+            "package agentmesh.authz
+decision := true",
+            CacheMode::Auto,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(p.cache_key().unwrap(), Vec::<String>::new());
+        for model in ["a", "b", "c"] {
+            assert!(p.decide(&llm_input("planner", model)).unwrap().allow);
+        }
+        assert_eq!(p.cache_entries(), Some(1));
+    }
+
+    #[test]
+    fn ignored_paths_leave_the_key_and_a_read_budget_is_part_of_it() {
+        let rego = r#"package agentmesh.authz
+import rego.v1
+default decision := false
+decision if {
+    input.llm.model in data.models[input.source.agent]
+    input.budget.spent_usd < 10
+}
+"#;
+        for (ignore, entries) in [(&[][..], 3), (&["/input/budget"][..], 1)] {
+            let p = cached(rego, CacheMode::Auto, ignore).unwrap();
+            for spent in [1.0, 2.0, 3.0] {
+                let i = with_budget(llm_input("planner", "gpt-4o-mini"), spent);
+                assert!(p.decide(&i).unwrap().allow);
+            }
+            assert_eq!(p.cache_entries(), Some(entries), "ignore {ignore:?}");
+        }
+        // An ignored path below a read one is cut out of that value.
+        let p = cached(
+            "package agentmesh.authz
+decision := input.request.method == \"POST\"",
+            CacheMode::On,
+            &["/input/request/headers"],
+        )
+        .unwrap();
+        let c = p.cache.as_ref().unwrap();
+        let mut a = llm_input("planner", "x");
+        a.request.headers.insert("x-request-id".into(), "r1".into());
+        let key = c.key(&to_rego(&a).unwrap()).unwrap();
+        assert!(key.contains("POST") && !key.contains("r1"), "{key}");
+    }
+
+    #[test]
+    fn auto_stays_off_where_a_decision_could_differ_and_on_refuses_a_timed_policy() {
+        for rego in [
+            "package agentmesh.authz
+decision := input.time < \"2030\"",
+            "package agentmesh.authz
+decision := time.now_ns() > 0",
+            "package agentmesh.authz
+decision := count(json.marshal(input)) > 0",
+        ] {
+            assert_eq!(
+                cached(rego, CacheMode::Auto, &[]).unwrap().cache_key(),
+                None,
+                "{rego}"
+            );
+        }
+        let err = cached(
+            "package agentmesh.authz
+\ndecision := input.time < \"2030\"",
+            CacheMode::On,
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("policy.rego:3: the policy reads input.time"),
+            "{err}"
+        );
+        // On: a builtin like http.send is the author's call; the whole input is keyed but time.
+        let p = cached(
+            "package agentmesh.authz
+decision := count(json.marshal(input)) > 0",
+            CacheMode::On,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(p.cache_key().unwrap(), ["/input"]);
+        let mut a = llm_input("planner", "x");
+        p.decide(&a).unwrap();
+        a.time = "2031-01-01T00:00:00Z".into();
+        p.decide(&a).unwrap();
+        assert_eq!(p.cache_entries(), Some(1));
+        assert_eq!(
+            cached(MODELS, CacheMode::Off, &[]).unwrap().cache_key(),
+            None
+        );
     }
 
     #[test]

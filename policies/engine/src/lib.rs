@@ -7,11 +7,12 @@ pub mod decision;
 pub mod engine;
 pub mod input;
 pub mod load;
+pub mod reads;
 pub mod rego_value;
 pub mod testing;
 
 pub use decision::Decision;
-pub use engine::{EngineKind, Policy, DEFAULT_DECISION_PATH};
+pub use engine::{CacheMode, EngineKind, Policy, DEFAULT_DECISION_PATH};
 pub use input::Input;
 pub use load::{load, Sources};
 

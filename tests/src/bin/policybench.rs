@@ -4,7 +4,7 @@
 //! `policybench [--policy DIR] [--iterations N]` prints p50/p99/max per input in microseconds.
 
 use agentmesh_policy::input::*;
-use agentmesh_policy::{load, EngineKind, Policy, DEFAULT_DECISION_PATH};
+use agentmesh_policy::{load, CacheMode, EngineKind, Policy, DEFAULT_DECISION_PATH};
 use anyhow::Context;
 use clap::Parser;
 use std::time::Instant;
@@ -85,10 +85,17 @@ fn main() -> anyhow::Result<()> {
         load(&args.policy).with_context(|| format!("loading {}", args.policy.display()))?;
     for kind in [EngineKind::Interpreter, EngineKind::Bytecode] {
         for cached in [false, true] {
-            let mut policy = Policy::compile(&sources, DEFAULT_DECISION_PATH, kind)?;
-            if cached {
-                policy = policy.with_cache(std::time::Duration::from_secs(60), 10_000, &[]);
-            }
+            let mode = if cached {
+                CacheMode::On
+            } else {
+                CacheMode::Off
+            };
+            let policy = Policy::compile(&sources, DEFAULT_DECISION_PATH, kind)?.with_cache(
+                mode,
+                std::time::Duration::from_secs(60),
+                10_000,
+                &[],
+            )?;
             println!(
                 "\npolicy {} ({} modules), {kind:?} engine, cache {}, {} evaluations per input",
                 args.policy.display(),

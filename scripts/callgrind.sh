@@ -3,13 +3,15 @@
 # build whatever else the machine does, where latency moves by ~0.1 ms from run to run.
 # Runs nginx as the upstream (the 200 B OpenAI-shaped answer of scripts/bench.sh), then, one at
 # a time under `valgrind --tool=callgrind`, the bare pingora proxy (tests/src/bin/pingora-floor.rs)
-# and the sidecar (one worker, allow-all policy) on its llm/ and http/ routes; each gets a
-# warm-up, then N calls at 200 req/s are counted.
+# and the sidecar (one worker; allow-all policy, or CALLGRIND_POLICY=DIR) on its llm/ and http/
+# routes, with its decision cache off and auto; each gets a warm-up, then N calls at 200 req/s
+# are counted.
 # Usage: scripts/callgrind.sh [N]   (default 2000). Output files stay in $CALLGRIND_OUT (or a
 # temporary directory) for `callgrind_annotate --inclusive=yes FILE`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-2000}
+RATE=${CALLGRIND_RATE:-50}   # slow enough that no call waits for another under valgrind
 command -v valgrind >/dev/null || { echo "callgrind: needs valgrind (apt-get install valgrind)"; exit 1; }
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || scripts/setup.sh
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
@@ -43,9 +45,9 @@ count() { # name url command...
   for _ in $(seq 1 200); do
     curl -fs -o /dev/null -X POST -d @"$W/req.json" "$url" 2>/dev/null && break; sleep 0.2
   done
-  target/release/meshbench --rate 200 --duration 2s --warmup 0s --rounds 1 --body-file "$W/req.json" "w=$url" >/dev/null 2>&1
+  target/release/meshbench --rate "$RATE" --duration 2s --warmup 0s --rounds 1 --body-file "$W/req.json" "w=$url" >/dev/null 2>&1
   callgrind_control -z "$vp" >/dev/null 2>&1
-  target/release/meshbench --rate 200 --duration "$((N / 200))s" --warmup 0s --rounds 1 --body-file "$W/req.json" "w=$url" 2>/dev/null | awk '$1=="w" && $3==0 {ok=1} END {exit !ok}' \
+  target/release/meshbench --rate "$RATE" --duration "$((N / RATE))s" --warmup 0s --rounds 1 --body-file "$W/req.json" "w=$url" 2>/dev/null | awk '$1=="w" && $3==0 {ok=1} END {exit !ok}' \
     || echo "callgrind: $name had errors" >&2
   callgrind_control -d "$vp" >/dev/null 2>&1
   sleep 0.5; kill -INT "$vp" 2>/dev/null; wait "$vp" 2>/dev/null || true
@@ -57,17 +59,21 @@ count() { # name url command...
 echo "# $(date -u +%FT%TZ): instructions per call, $N calls of 115 B POST -> 200 B answer, one worker"
 FP=$(port)
 count floor "http://127.0.0.1:$FP/small" target/release/pingora-floor "127.0.0.1:$FP" "127.0.0.1:$UP" 1
-OUTP=$(port); ADM=$(port)
-cat > "$W/sidecar.yaml" <<CONF
+POLICY=${CALLGRIND_POLICY:-$PWD/tests/fixtures/policy-allow-all}
+echo "# sidecar policy: $POLICY"
+for cache in off auto; do
+  OUTP=$(port); ADM=$(port)
+  cat > "$W/sidecar.yaml" <<CONF
 agent: {name: planner}
 listeners: {outbound: "127.0.0.1:$OUTP", admin: "127.0.0.1:$ADM"}
 upstreams:
   - {name: llm/openai, endpoints: ["http://127.0.0.1:$UP"]}
   - {name: http/bench, endpoints: ["http://127.0.0.1:$UP"]}
-policy: {path: $PWD/tests/fixtures/policy-allow-all}
+policy: {path: $POLICY, cache: {mode: $cache}}
 CONF
-for route in llm/openai http/bench; do
-  count "sidecar-${route%%/*}" "http://127.0.0.1:$OUTP/$route/small" \
-    target/release/agentmesh-proxy --config "$W/sidecar.yaml" --access-log off --threads 1
+  for route in llm/openai http/bench; do
+    count "sidecar-${route%%/*}-cache-$cache" "http://127.0.0.1:$OUTP/$route/small" \
+      target/release/agentmesh-proxy --config "$W/sidecar.yaml" --access-log off --threads 1
+  done
 done
 echo "callgrind files: $OUT"

@@ -103,7 +103,7 @@ case "${BENCH_SET:-proxy}" in
     sidecar library-bytecode "{path: $LIBRARY, engine: bytecode}"
     sidecar library-cached "{path: $LIBRARY, cache: {ttl: 60s, ignore: [/input/budget]}}"
     targets=("allow-all=llm/openai" "demo=llm/openai" "library=llm/openai" "library-bytecode=llm/openai" "library-cached=llm/openai") ;;
-  cache) # the llm/ and http/ routes under the demo policy, its decision cache off and auto
+  cache) # the llm/ route under the demo policy, its decision cache off and auto
     sidecar cache-off "{path: $PWD/examples/local/policy, cache: {mode: off}}"
     sidecar cache-auto "{path: $PWD/examples/local/policy}"
     targets=("cache-off=llm/openai" "cache-auto=llm/openai") ;;

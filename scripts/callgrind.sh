@@ -4,8 +4,9 @@
 # Runs nginx as the upstream (the 200 B OpenAI-shaped answer of scripts/bench.sh), then, one at
 # a time under `valgrind --tool=callgrind`, the bare pingora proxy (tests/src/bin/pingora-floor.rs)
 # and the sidecar (one worker; allow-all policy, or CALLGRIND_POLICY=DIR) on its llm/ and http/
-# routes, with its decision cache off and auto; each gets a warm-up, then N calls at 200 req/s
-# are counted.
+# routes, with its decision cache off and auto; each gets a warm-up, then N calls at 50 req/s
+# (CALLGRIND_RATE) are counted: at that rate no call waits for another under valgrind, so no new
+# connection's set-up is counted into the calls.
 # Usage: scripts/callgrind.sh [N]   (default 2000). Output files stay in $CALLGRIND_OUT (or a
 # temporary directory) for `callgrind_annotate --inclusive=yes FILE`.
 set -euo pipefail

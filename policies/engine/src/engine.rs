@@ -243,12 +243,11 @@ impl Policy {
             return self.decide_value(to_value()?);
         };
         // A policy that reads nothing of its input needs no input to find its decision.
-        let (key, value) = match cache.parts.is_empty() {
-            true => (String::new(), None),
-            false => {
-                let value = to_value()?;
-                (cache.key(&value)?, Some(value))
-            }
+        let (key, value) = if cache.parts.is_empty() {
+            (String::new(), None)
+        } else {
+            let value = to_value()?;
+            (cache.key(&value)?, Some(value))
         };
         if let Some(d) = cache.decisions.get(&key) {
             return Ok(d);
@@ -593,8 +592,7 @@ decision := {"allow": true, "headers": {"x-policy": "models"}} if {
         assert_eq!(p.decide(&a).unwrap().reason.as_deref(), Some("cached"));
         // A policy that reads nothing has one decision for every input.
         let p = cached(
-            "package agentmesh.authz
-decision := true",
+            "package agentmesh.authz\ndecision := true",
             CacheMode::Auto,
             &[],
         )
@@ -624,15 +622,17 @@ decision if {
             }
             assert_eq!(p.cache_entries(), Some(entries), "ignore {ignore:?}");
         }
-        // An ignored path below a read one is cut out of that value.
+        // An ignored path below a read one is cut out of that value: the policy reads
+        // `input.request` whole, the key holds its method but not its headers.
         let p = cached(
-            "package agentmesh.authz
-decision := input.request.method == \"POST\"",
+            "package agentmesh.authz\nrequest := input.request\ndecision := request.method == \"POST\"",
             CacheMode::On,
             &["/input/request/headers"],
         )
         .unwrap();
+        assert_eq!(p.cache_key().unwrap(), ["/input/request"]);
         let c = p.cache.as_ref().unwrap();
+        assert_eq!(c.parts[0].1, [vec!["headers".to_string()]]);
         let mut a = llm_input("planner", "x");
         a.request.headers.insert("x-request-id".into(), "r1".into());
         let key = c.key(&to_rego(&a).unwrap()).unwrap();
@@ -642,12 +642,9 @@ decision := input.request.method == \"POST\"",
     #[test]
     fn auto_stays_off_where_a_decision_could_differ_and_on_refuses_a_timed_policy() {
         for rego in [
-            "package agentmesh.authz
-decision := input.time < \"2030\"",
-            "package agentmesh.authz
-decision := time.now_ns() > 0",
-            "package agentmesh.authz
-decision := count(json.marshal(input)) > 0",
+            "package agentmesh.authz\ndecision := input.time < \"2030\"",
+            "package agentmesh.authz\ndecision := time.now_ns() > 0",
+            "package agentmesh.authz\ndecision := count(json.marshal(input)) > 0",
         ] {
             assert_eq!(
                 cached(rego, CacheMode::Auto, &[]).unwrap().cache_key(),
@@ -656,8 +653,7 @@ decision := count(json.marshal(input)) > 0",
             );
         }
         let err = cached(
-            "package agentmesh.authz
-\ndecision := input.time < \"2030\"",
+            "package agentmesh.authz\n\ndecision := input.time < \"2030\"",
             CacheMode::On,
             &[],
         )
@@ -669,8 +665,7 @@ decision := count(json.marshal(input)) > 0",
         );
         // On: a builtin like http.send is the author's call; the whole input is keyed but time.
         let p = cached(
-            "package agentmesh.authz
-decision := count(json.marshal(input)) > 0",
+            "package agentmesh.authz\ndecision := count(json.marshal(input)) > 0",
             CacheMode::On,
             &[],
         )

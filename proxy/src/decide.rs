@@ -63,10 +63,7 @@ pub fn inputs(rec: &CallRecord, facts: &CallFacts) -> Vec<Input> {
         },
         llm: rec.llm.as_ref().map(|l| input::Llm {
             provider: l.provider.clone(),
-            operation: serde_json::to_value(l.operation)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
+            operation: l.operation.as_str().to_string(),
             model: l.model.clone(),
             stream: l.stream,
             max_tokens: l.max_tokens,

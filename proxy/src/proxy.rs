@@ -316,7 +316,7 @@ impl MeshProxy {
                     // To the micro-dollar: sums of float prices carry binary noise
                     // (0.005 + 0.008 = 0.013000000000000001) that reasons would print.
                     spent_usd: (self.spend.current() * 1e6).round() / 1e6,
-                    window: humantime::format_duration(self.spend.window()).to_string(),
+                    window: self.spend.window_text().to_string(),
                 }
             }),
         };

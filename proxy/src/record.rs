@@ -127,6 +127,20 @@ pub enum LlmOperation {
     Other,
 }
 
+impl LlmOperation {
+    /// The name it is serialized under (`chat_completions`, ...), as policy input reads it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LlmOperation::ChatCompletions => "chat_completions",
+            LlmOperation::Responses => "responses",
+            LlmOperation::Messages => "messages",
+            LlmOperation::Embeddings => "embeddings",
+            LlmOperation::Models => "models",
+            LlmOperation::Other => "other",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LlmCall {
     pub provider: String,
@@ -191,4 +205,24 @@ pub struct A2aCall {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub context_id: Option<String>,
     pub streaming: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LlmOperation;
+
+    #[test]
+    fn an_operation_reads_as_it_is_serialized() {
+        use LlmOperation::*;
+        for op in [
+            ChatCompletions,
+            Responses,
+            Messages,
+            Embeddings,
+            Models,
+            Other,
+        ] {
+            assert_eq!(serde_json::to_value(op).unwrap(), op.as_str());
+        }
+    }
 }

@@ -30,7 +30,8 @@ pub fn resolve(path_and_query: &str, host: Option<&str>) -> Option<Address> {
             Some((n, q)) => (n, Some(q)),
             None => (name_q, None),
         };
-        let mut logical = format!("{prefix}/{name}");
+        // Strings joined with `concat`, not `format!`: this runs on every call.
+        let mut logical = [prefix, "/", name].concat();
         let mut rest = parts.next();
         // `/agents/by-skill/<skill>/...`: the skill is part of the name.
         if logical == "agents/by-skill" && query.is_none() {
@@ -42,10 +43,11 @@ pub fn resolve(path_and_query: &str, host: Option<&str>) -> Option<Address> {
             if !crate::config::is_dns_label(skill) {
                 return None;
             }
-            logical = format!("{}{skill}", crate::config::BY_SKILL);
-            let mut path = after.map(|a| format!("/{a}")).unwrap_or_default();
+            logical = [crate::config::BY_SKILL, skill].concat();
+            let mut path = after.map(|a| ["/", a].concat()).unwrap_or_default();
             if let Some(q) = q {
-                path = format!("{path}?{q}");
+                path.push('?');
+                path.push_str(q);
             }
             return Some(Address {
                 name: logical,
@@ -54,12 +56,10 @@ pub fn resolve(path_and_query: &str, host: Option<&str>) -> Option<Address> {
             });
         }
         if let Some((kind, _)) = split_name(&logical) {
-            let mut path = match rest.take() {
-                Some(rest) => format!("/{rest}"),
-                None => String::new(),
-            };
+            let mut path = rest.take().map(|r| ["/", r].concat()).unwrap_or_default();
             if let Some(q) = query {
-                path = format!("{path}?{q}");
+                path.push('?');
+                path.push_str(q);
             }
             return Some(Address {
                 name: logical,
@@ -71,7 +71,7 @@ pub fn resolve(path_and_query: &str, host: Option<&str>) -> Option<Address> {
     let host = host?.split(':').next()?;
     let stem = host.strip_suffix(".mesh")?;
     let (name, prefix) = stem.rsplit_once('.')?;
-    let logical = format!("{prefix}/{name}");
+    let logical = [prefix, "/", name].concat();
     let (kind, _) = split_name(&logical)?;
     Some(Address {
         name: logical,
@@ -86,9 +86,9 @@ pub fn upstream_path(base: &str, forwarded: &str) -> String {
         (true, true) => "/".into(),
         (_, true) => base.to_string(),
         (_, false) if forwarded.starts_with('?') => {
-            format!("{}{forwarded}", if base.is_empty() { "/" } else { base })
+            [if base.is_empty() { "/" } else { base }, forwarded].concat()
         }
-        _ => format!("{base}{forwarded}"),
+        _ => [base, forwarded].concat(),
     }
 }
 

@@ -8,20 +8,25 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 #[derive(Debug)]
 pub struct Spend {
     window: Duration,
+    /// The window as policy input shows it (`24h`), written once.
+    window_text: String,
     /// (window index, USD spent in it)
     state: Mutex<(u64, f64)>,
 }
 
 impl Spend {
     pub fn new(window: Duration) -> Spend {
+        let window = window.max(Duration::from_secs(1));
         Spend {
-            window: window.max(Duration::from_secs(1)),
+            window,
+            window_text: window_text(window),
             state: Mutex::new((0, 0.0)),
         }
     }
 
-    pub fn window(&self) -> Duration {
-        self.window
+    /// The window's length as policy input shows it, e.g. `24h`.
+    pub fn window_text(&self) -> &str {
+        &self.window_text
     }
 
     fn index_at(&self, now: SystemTime) -> u64 {
@@ -55,6 +60,17 @@ impl Spend {
     }
 }
 
+/// A window in the largest whole unit of hours, minutes or seconds, as a config would write it
+/// (`24h`, not humantime's `1day`, which docs/policy.md and the policy library's tests use).
+fn window_text(window: Duration) -> String {
+    let s = window.as_secs();
+    match s {
+        _ if s.is_multiple_of(3600) => format!("{}h", s / 3600),
+        _ if s.is_multiple_of(60) => format!("{}m", s / 60),
+        _ => format!("{s}s"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,5 +85,12 @@ mod tests {
         assert_eq!(s.current_at(day + Duration::from_secs(86_400)), 0.0);
         s.add_at(1.0, day + Duration::from_secs(90_000));
         assert_eq!(s.current_at(day + Duration::from_secs(90_001)), 1.0);
+    }
+
+    #[test]
+    fn the_window_reads_as_a_config_writes_it() {
+        for (secs, text) in [(86_400, "24h"), (3_600, "1h"), (5_400, "90m"), (90, "90s")] {
+            assert_eq!(Spend::new(Duration::from_secs(secs)).window_text(), text);
+        }
     }
 }

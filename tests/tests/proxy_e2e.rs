@@ -358,6 +358,27 @@ async fn an_invalid_bootstrap_file_stops_the_start_with_its_error() {
     );
 }
 
+#[test]
+fn the_allocator_sweeps_its_thread_cache_per_4_mib_not_per_call() {
+    // jemalloc prints the options in force at exit when asked to in its environment variable,
+    // which is read after the binary's built-in options: so this shows both are applied.
+    let dir = Scratch::new("malloc-conf");
+    let cfg = dir.path("ok.yaml");
+    std::fs::write(&cfg, "agent: {name: x}\n").unwrap();
+    let out = std::process::Command::new(agentmesh_tests::bin_dir().join("agentmesh-proxy"))
+        .args(["--config", cfg.to_str().unwrap(), "--check"])
+        .env("_RJEM_MALLOC_CONF", "stats_print:true")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stats = String::from_utf8_lossy(&out.stderr);
+    assert!(stats.contains("opt.stats_print: true"), "{stats}");
+    assert!(
+        stats.contains("opt.tcache_gc_incr_bytes: 4194304"),
+        "{stats}"
+    );
+}
+
 #[tokio::test]
 async fn bodies_stream_on_http_routes_and_are_bounded_on_inspected_ones() {
     let more = "  - name: http/echo\n    endpoints: [\"{LLM}\"]\nlimits: {max_inspect_body_bytes: 65536}\n";

@@ -20,6 +20,7 @@ use crate::traces::Traces;
 use crate::xds::XdsClient;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -40,6 +41,20 @@ pub struct RunOptions {
     pub rotation: crate::linesink::Rotation,
     /// The log filter's handle, for the admin port's `/logging`.
     pub log: Option<Arc<crate::logging::LogControl>>,
+}
+
+/// Write buffer of the connections the sidecar accepts (agent and peers). pingora's default is
+/// one TCP segment (1,460 bytes): a response whose body did not fit beside its header left in
+/// two segments, header then body, waking the agent twice; 16 KiB carries a typical LLM or tool
+/// answer whole in one. Bodies framed by chunks or by the connection's end (SSE, WebSocket)
+/// are flushed as each piece passes, as before; only a `Content-Length` body waits for its end
+/// or for the buffer to fill.
+const ACCEPTED_WRITE_BUFFER: usize = 16 * 1024;
+
+/// A listener whose accepted connections use `ACCEPTED_WRITE_BUFFER`.
+fn listener(addr: std::net::SocketAddr) -> ListenerConfig {
+    ListenerConfig::tcp(addr.to_string())
+        .l4_buffer(L4BufferSettings::default().write(ACCEPTED_WRITE_BUFFER))
 }
 
 /// Checks that every listener address can be bound, so that a taken port stops the start with
@@ -153,7 +168,7 @@ pub fn build(
         .name("outbound")
         .server_options(h2c.clone())
         .build();
-    outbound.add_tcp(&listeners.outbound.to_string());
+    outbound.add_listener(listener(listeners.outbound));
     server.add_service(outbound);
 
     if let (true, Some(addr)) = (inbound_on, listeners.inbound) {
@@ -172,9 +187,9 @@ pub fn build(
                 tls.set_cert_resolver(Arc::new(ServerCert(id.clone())));
                 tls.set_client_cert_verifier(peer_verifier(id.clone()));
                 tls.enable_h2();
-                inbound.add_tls_with_settings(&addr.to_string(), None, tls);
+                inbound.add_listener(listener(addr).tls(tls));
             }
-            None => inbound.add_tcp(&addr.to_string()),
+            None => inbound.add_listener(listener(addr)),
         }
         server.add_service(inbound);
     }

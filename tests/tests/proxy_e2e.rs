@@ -358,6 +358,145 @@ async fn an_invalid_bootstrap_file_stops_the_start_with_its_error() {
     );
 }
 
+/// Data segments a TCP socket has received (Linux `tcpi_data_segs_in`).
+#[allow(unsafe_code)]
+fn data_segments_in(s: &impl std::os::fd::AsRawFd) -> u32 {
+    // SAFETY: tcp_info is plain integers, for which all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which this frame owns.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    info.tcpi_data_segs_in
+}
+
+/// Reads one HTTP/1.1 message (head and `Content-Length` body) off a blocking socket; with
+/// `continue_on_expect`, answers `100 Continue` when the head asks for it before reading on.
+fn read_message(s: &mut std::net::TcpStream, continue_on_expect: bool) -> (String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed before the head ended: {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    if continue_on_expect && head.contains("expect: 100-continue") {
+        s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").unwrap();
+    }
+    while buf.len() < head_end + length {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed before the body ended");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    (head, buf[head_end..].to_vec())
+}
+
+/// An upstream on a plain socket: serves one call, answering `answer_len` bytes, and returns
+/// the request's head, body and the data segments it arrived in.
+fn one_call_upstream(answer_len: usize) -> (u16, std::thread::JoinHandle<(String, Vec<u8>, u32)>) {
+    use std::io::Write;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let (head, body) = read_message(&mut c, true);
+        let segments = data_segments_in(&c);
+        let mut answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {answer_len}\r\n\r\n"
+        )
+        .into_bytes();
+        answer.resize(answer.len() + answer_len, b'x');
+        c.write_all(&answer).unwrap();
+        (head, body, segments)
+    });
+    (port, server)
+}
+
+#[tokio::test]
+async fn a_call_and_its_answer_each_travel_in_one_segment() {
+    // pingora sent a request's head and body in two segments, and an answer's head apart from
+    // a body that did not fit beside it in its 1,460-byte buffer: each woke the receiver twice.
+    let (port, upstream) = one_call_upstream(4096);
+    let more = format!("  - name: http/seg\n    endpoints: [\"http://127.0.0.1:{port}\"]\n");
+    let (_dir, _llm, sc) = openai_sidecar("segments", "", &more).await;
+    let outbound = sc.outbound;
+    let (head, segments_to_agent) = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let body = vec![b'a'; 2000];
+        let mut request = format!(
+            "POST /http/seg/upload HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(&body);
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", outbound)).unwrap();
+        s.write_all(&request).unwrap();
+        let (head, answer) = read_message(&mut s, false);
+        assert_eq!(answer.len(), 4096);
+        (head, data_segments_in(&s))
+    })
+    .await
+    .unwrap();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let (up_head, up_body, segments_to_upstream) = upstream.join().unwrap();
+    assert!(up_head.starts_with("post /upload "), "{up_head}");
+    assert_eq!(up_body.len(), 2000);
+    assert_eq!(
+        segments_to_upstream, 1,
+        "the request left the sidecar in pieces"
+    );
+    assert_eq!(
+        segments_to_agent, 1,
+        "the answer left the sidecar in pieces"
+    );
+}
+
+#[tokio::test]
+async fn a_client_waiting_for_100_continue_gets_it_from_the_upstream() {
+    // The head is flushed alone when the client waits for `100 Continue` before its body.
+    let (port, upstream) = one_call_upstream(2);
+    let more = format!("  - name: http/seg\n    endpoints: [\"http://127.0.0.1:{port}\"]\n");
+    let (_dir, _llm, sc) = openai_sidecar("continue", "", &more).await;
+    let outbound = sc.outbound;
+    let head = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", outbound)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(
+            b"POST /http/seg/upload HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n",
+        )
+        .unwrap();
+        let mut interim = [0u8; 25];
+        s.read_exact(&mut interim)
+            .expect("no 100 Continue: the head never reached the upstream");
+        assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+        s.write_all(b"hello").unwrap();
+        read_message(&mut s, false).0
+    })
+    .await
+    .unwrap();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let (_, body, _) = upstream.join().unwrap();
+    assert_eq!(body, b"hello");
+}
+
 #[test]
 fn the_allocator_sweeps_its_thread_cache_per_4_mib_not_per_call() {
     // jemalloc prints the options in force at exit when asked to in its environment variable,

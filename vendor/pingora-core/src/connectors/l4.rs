@@ -104,6 +104,10 @@ impl BindTo {
     }
 }
 
+/// agentmesh patch: write buffer of upstream connections: a typical LLM or tool request, header
+/// and body, in one segment.
+pub const UPSTREAM_WRITE_BUFFER: usize = 16 * 1024;
+
 /// Establish a connection (l4) to the given peer using its settings and an optional bind address.
 pub(crate) async fn connect<P>(peer: &P, bind_to: Option<BindTo>) -> Result<Stream>
 where
@@ -229,6 +233,13 @@ where
         stream.set_keepalive(ka)?;
     }
     stream.set_nodelay()?;
+    // agentmesh patch: a write buffer (pingora connects unbuffered), so that a request's header
+    // and body leave in one segment (`HttpSession::write_request_header` no longer flushes the
+    // header alone). Reads stay unbuffered, as before.
+    stream.set_buffer(crate::protocols::l4::stream::L4BufferSettings::new(
+        0,
+        UPSTREAM_WRITE_BUFFER,
+    ));
 
     #[cfg(unix)]
     let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());

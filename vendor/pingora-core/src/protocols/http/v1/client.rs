@@ -145,10 +145,16 @@ impl HttpSession {
             _ => Error::because(WriteError, "while writing request headers", e),
         })?;
 
-        self.underlying_stream
-            .flush()
-            .await
-            .or_err(WriteError, "flushing request header")?;
+        // agentmesh patch: a request with a body keeps its header in the write buffer, so that
+        // header and body leave in one segment (the body writer flushes: per chunk, or once a
+        // `Content-Length` body is whole or the buffer is full). Flushed now when no body
+        // follows, or when the client waits for `100 Continue` before sending it.
+        if self.body_writer.finished() || expects_continue(&req) {
+            self.underlying_stream
+                .flush()
+                .await
+                .or_err(WriteError, "flushing request header")?;
+        }
 
         // write was successful
         self.request_written = Some(req);
@@ -910,6 +916,13 @@ fn parse_resp_buffer<'buf>(
 #[inline]
 pub(crate) fn request_target_has_forbidden_byte(path: &[u8]) -> bool {
     path.iter().any(|&b| matches!(b, 0x00 | 0x0a | 0x0d | 0x20))
+}
+
+/// agentmesh patch: whether the request asks for `100 Continue` before its body is sent.
+fn expects_continue(req: &RequestHeader) -> bool {
+    req.headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 // TODO: change it to to_buf

@@ -111,7 +111,10 @@ case "${BENCH_SET:-proxy}" in
     OT=$(port)
     $LOAD target/release/otlp-sink "127.0.0.1:$OT" 2>"$W/otlp-sink.log" & pids+=($!)
     sidecar telemetry-off "$ALLOW_ALL"
-    sidecar telemetry-on "$ALLOW_ALL" "telemetry: {traces: {endpoint: \"http://127.0.0.1:$OT\"}}" "$W/access.jsonl"
+    # The access log goes beside, not into, the configs' directory: the sidecar watches that
+    # directory for config changes, and each line written there would wake its watcher.
+    mkdir -p "$W/logs"
+    sidecar telemetry-on "$ALLOW_ALL" "telemetry: {traces: {endpoint: \"http://127.0.0.1:$OT\"}}" "$W/logs/access.jsonl"
     targets=("telemetry-off=llm/openai" "telemetry-on=llm/openai") ;;
   *) echo "bench: BENCH_SET is proxy, policy, cache or telemetry"; exit 1 ;;
 esac

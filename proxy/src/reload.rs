@@ -39,6 +39,24 @@ impl Reloader {
     }
 }
 
+/// The directory watched for changes of the config file `file`.
+fn watched_dir(file: &std::path::Path) -> PathBuf {
+    file.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Whether a log written to `log` (a file path, `stdout` or `off`) lands in the directory
+/// watched for changes of the config file: each line written there would wake the watcher.
+pub fn log_in_watched_dir(config: &std::path::Path, log: &str) -> bool {
+    if log == "stdout" || log == "off" {
+        return false;
+    }
+    let dir = |p: &std::path::Path| std::fs::canonicalize(watched_dir(p)).ok();
+    dir(std::path::Path::new(log)).is_some_and(|d| Some(d) == dir(config))
+}
+
 /// Whether an event on `path` may have changed `file`: the file itself, or Kubernetes' `..data`
 /// symlink swap, by which a mounted ConfigMap changes every file at once.
 fn concerns(path: &std::path::Path, file: &std::path::Path) -> bool {
@@ -87,12 +105,7 @@ impl BackgroundService for Reloader {
                     None
                 }
             };
-        let dir = self
-            .path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("."));
+        let dir = watched_dir(&self.path);
         if let Some(w) = watcher.as_mut() {
             if let Err(e) = w.watch(&dir, RecursiveMode::NonRecursive) {
                 tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the config directory");
@@ -181,6 +194,20 @@ mod tests {
             std::path::Path::new("/etc/agentmesh/other.yaml"),
             file
         ));
+    }
+
+    #[test]
+    fn logs_beside_the_config_file_are_noticed() {
+        let dir = std::env::temp_dir().join(format!("am-watched-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("logs")).unwrap();
+        let config = dir.join("sidecar.yaml");
+        let beside = dir.join("access.jsonl");
+        let below = dir.join("logs/access.jsonl");
+        assert!(log_in_watched_dir(&config, beside.to_str().unwrap()));
+        assert!(!log_in_watched_dir(&config, below.to_str().unwrap()));
+        assert!(!log_in_watched_dir(&config, "stdout"));
+        assert!(!log_in_watched_dir(&config, "off"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

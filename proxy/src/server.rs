@@ -147,6 +147,18 @@ pub fn build(
         opts.rotation,
     )?);
     let decision_log = Arc::new(DecisionLog::open(&opts.decision_log, opts.rotation)?);
+    for (what, log) in [
+        ("access log", &opts.access_log),
+        ("decision log", &opts.decision_log),
+    ] {
+        if crate::reload::log_in_watched_dir(&opts.config_path, log) {
+            tracing::warn!(
+                "the {what} {log} is in the config file's directory, which the sidecar watches \
+                 for config changes: each line written there wakes the watcher. Write it to \
+                 another directory"
+            );
+        }
+    }
 
     // The agent may speak h2c (prior knowledge) or HTTP/1.1 on the same port.
     let mut h2c = HttpServerOptions::default();

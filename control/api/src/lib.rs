@@ -102,27 +102,16 @@ pub mod verify;
 mod tests {
     #[test]
     fn rfc3339_ms_is_utc_to_the_millisecond() {
-        assert_eq!(super::rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(
-            super::rfc3339_ms(1_795_000_000_007),
-            "2026-11-18T11:06:40.007Z"
-        );
-        assert_eq!(
-            super::rfc3339_ms(951_782_400_000),
-            "2000-02-29T00:00:00.000Z"
-        );
-        assert_eq!(
-            super::rfc3339_ms(1_764_583_261_042),
-            "2025-12-01T10:01:01.042Z"
-        );
-        // Past year 9999 the year takes the digits it needs, as before.
-        assert_eq!(
-            super::rfc3339_ms(253_402_300_800_000),
-            "10000-01-01T00:00:00.000Z"
-        );
-        assert_eq!(
-            super::rfc3339_ms(1_000_000_000_999),
-            "2001-09-09T01:46:40.999Z"
-        );
+        for (ms, text) in [
+            (0, "1970-01-01T00:00:00.000Z"),
+            (1_795_000_000_007, "2026-11-18T11:06:40.007Z"),
+            (951_782_400_000, "2000-02-29T00:00:00.000Z"),
+            (1_764_583_261_042, "2025-12-01T10:01:01.042Z"),
+            (1_000_000_000_999, "2001-09-09T01:46:40.999Z"),
+            // Past year 9999 the year takes the digits it needs.
+            (253_402_300_800_000, "10000-01-01T00:00:00.000Z"),
+        ] {
+            assert_eq!(super::rfc3339_ms(ms), text);
+        }
     }
 }

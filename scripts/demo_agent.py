@@ -15,28 +15,35 @@ from mcp import Client, MCPError
 MESH = os.environ.get("AGENTMESH_OUTBOUND", "http://127.0.0.1:15001")
 
 
+def say(line: str) -> None:
+    """Prints a line in one write: the sidecar prints its own lines to the same terminal, and
+    `print` may write a line and its newline apart, letting one of those land in between."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def step(text: str) -> None:
-    print(f"\n# {text}", flush=True)
+    say(f"\n# {text}")
 
 
 async def mcp_calls() -> None:
     step("MCP, session-based revision: list the tools, then search")
     async with Client(f"{MESH}/mcp/search-tools", mode="legacy") as c:
         tools = await c.list_tools()
-        print(f"  agent sees tools: {', '.join(t.name for t in tools.tools)}", flush=True)
+        say(f"  agent sees tools: {', '.join(t.name for t in tools.tools)}")
         r = await c.call_tool("web_search", {"q": "service mesh"})
-        print(f"  agent got: {r.content[0].text}", flush=True)
+        say(f"  agent got: {r.content[0].text}")
     step("MCP, stateless 2026-07-28 revision: add two numbers")
     async with Client(f"{MESH}/mcp/search-tools") as c:
         r = await c.call_tool("add", {"a": 19, "b": 23})
-        print(f"  agent got: {r.content[0].text}", flush=True)
+        say(f"  agent got: {r.content[0].text}")
     step("A tool the policy does not allow this agent (examples/local/policy): denied with its reason")
     async with Client(f"{MESH}/mcp/search-tools") as c:
         try:
             await c.call_tool("read_file", {"path": "/notes.txt"})
-            print("  unexpected: the call went through", flush=True)
+            say("  unexpected: the call went through")
         except MCPError as e:
-            print(f"  agent got error {e.code}: {e.message}", flush=True)
+            say(f"  agent got error {e.code}: {e.message}")
 
 
 def main() -> int:
@@ -45,7 +52,7 @@ def main() -> int:
 
     step("OpenAI chat completion")
     r = oa.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "What is the capital of France?"}])
-    print(f"  agent got: {r.choices[0].message.content}", flush=True)
+    say(f"  agent got: {r.choices[0].message.content}")
 
     step("OpenAI streamed completion (the sidecar reads usage off the final chunk)")
     text = "".join(
@@ -58,7 +65,7 @@ def main() -> int:
         )
         if c.choices
     )
-    print(f"  agent got: {text}", flush=True)
+    say(f"  agent got: {text}")
 
     step("OpenAI tool call decided by the (scripted) model")
     r = oa.chat.completions.create(
@@ -67,11 +74,11 @@ def main() -> int:
         tools=[{"type": "function", "function": {"name": "web_search", "parameters": {"type": "object"}}}],
     )
     call = r.choices[0].message.tool_calls[0].function
-    print(f"  model asks for: {call.name}({call.arguments})", flush=True)
+    say(f"  model asks for: {call.name}({call.arguments})")
 
     step("Anthropic message")
     m = an.messages.create(model="claude-haiku-4-5", max_tokens=100, messages=[{"role": "user", "content": "Say hello"}])
-    print(f"  agent got: {m.content[0].text}", flush=True)
+    say(f"  agent got: {m.content[0].text}")
 
     anyio.run(mcp_calls)
 
@@ -79,10 +86,10 @@ def main() -> int:
     req = urllib.request.Request(f"{MESH}/mcp/shell", data=b'{"jsonrpc":"2.0","id":1,"method":"tools/list"}', method="POST")
     try:
         urllib.request.urlopen(req, timeout=10)
-        print("  unexpected: the call went through", flush=True)
+        say("  unexpected: the call went through")
         return 1
     except urllib.error.HTTPError as e:
-        print(f"  agent got {e.code}: {json.loads(e.read())['error']['message']}", flush=True)
+        say(f"  agent got {e.code}: {json.loads(e.read())['error']['message']}")
     return 0
 
 

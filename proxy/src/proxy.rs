@@ -81,6 +81,8 @@ pub struct CallCtx {
     upstream_failed: bool,
     /// The breaker already heard about this attempt (a failed connect).
     breaker_noted: bool,
+    /// The response's body has ended (its usage is read in `logging`).
+    response_ended: bool,
     /// The call's span, when traces are on.
     span: Option<CallSpan>,
     /// Inbound over mTLS: the calling peer, from its verified certificate.
@@ -109,6 +111,32 @@ impl MeshProxy {
             (Direction::Outbound, _) => snap.config.agent.name.as_str(),
             (Direction::Inbound, Some(p)) => p.agent.as_str(),
             (Direction::Inbound, None) => "unknown",
+        }
+    }
+
+    /// observe (LLM part), once the answer is out: the usage read off the buffered JSON body or
+    /// the stream's last line, priced, and added to the local agent's spend.
+    fn settle_usage(&self, ctx: &mut CallCtx) {
+        let (Some(u), Some(r)) = (ctx.usage.as_mut(), ctx.record.as_mut()) else {
+            return;
+        };
+        if let (Some(span), Some(body)) = (ctx.span.as_mut(), u.json_body()) {
+            span.record_output(body);
+        }
+        u.finish();
+        let Some(l) = r.llm.as_mut() else {
+            return;
+        };
+        l.usage = u.usage;
+        l.response_model = u.response_model.clone();
+        let snap = self.store.snapshot();
+        let model = l.response_model.as_deref().or(l.model.as_deref());
+        if let Some(price) = model.and_then(|m| snap.prices.price(&l.provider, m)) {
+            let usd = crate::cost::cost(price, l.api, &l.usage);
+            l.cost_usd = Some(usd);
+            if self.direction == Direction::Outbound {
+                self.spend.add(usd);
+            }
         }
     }
 
@@ -467,6 +495,7 @@ impl ProxyHttp for MeshProxy {
             first_byte: None,
             upstream_failed: false,
             breaker_noted: false,
+            response_ended: false,
             span: None,
             peer: None,
             user: None,
@@ -782,27 +811,9 @@ impl ProxyHttp for MeshProxy {
                 u.feed(b);
             }
         }
-        if end_of_stream {
-            if let (Some(u), Some(r)) = (ctx.usage.as_mut(), ctx.record.as_mut()) {
-                if let (Some(span), Some(body)) = (ctx.span.as_mut(), u.json_body()) {
-                    span.record_output(body);
-                }
-                u.finish();
-                if let Some(l) = r.llm.as_mut() {
-                    l.usage = u.usage;
-                    l.response_model = u.response_model.clone();
-                    let snap = self.store.snapshot();
-                    let model = l.response_model.as_deref().or(l.model.as_deref());
-                    if let Some(price) = model.and_then(|m| snap.prices.price(&l.provider, m)) {
-                        let usd = crate::cost::cost(price, l.api, &l.usage);
-                        l.cost_usd = Some(usd);
-                        if self.direction == Direction::Outbound {
-                            self.spend.add(usd);
-                        }
-                    }
-                }
-            }
-        }
+        // The usage is read once the agent has the whole answer (`logging`), not here, where
+        // parsing the body would hold back its last bytes.
+        ctx.response_ended |= end_of_stream;
         Ok(None)
     }
 
@@ -905,6 +916,15 @@ impl ProxyHttp for MeshProxy {
     }
 
     async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
+        // The call's times end here, before the work done after the answer.
+        let times = Timings {
+            total: ctx.started.elapsed(),
+            upstream: ctx.upstream_started.map(|s| s.elapsed()),
+            ttfb: ctx.first_byte,
+        };
+        if ctx.response_ended {
+            self.settle_usage(ctx);
+        }
         if let (Some(up), Some(i), false) = (ctx.upstream.as_ref(), ctx.endpoint, ctx.breaker_noted)
         {
             if ctx.upstream_failed {
@@ -917,11 +937,7 @@ impl ProxyHttp for MeshProxy {
         }
         if let Some(r) = ctx.record.as_ref() {
             let trace_id = ctx.span.as_ref().map(CallSpan::trace_id);
-            let times = Timings {
-                total: ctx.started.elapsed(),
-                upstream: ctx.upstream_started.map(|s| s.elapsed()),
-                ttfb: ctx.first_byte,
-            };
+            let total = times.total;
             let snap = self.store.snapshot();
             if self.tap.watched() {
                 let event = TapEvent::new(
@@ -939,8 +955,7 @@ impl ProxyHttp for MeshProxy {
                 ctx.rejection.as_ref(),
                 trace_id.as_deref(),
             );
-            self.metrics
-                .call(self.source(&snap, &ctx.peer), r, ctx.started.elapsed());
+            self.metrics.call(self.source(&snap, &ctx.peer), r, total);
             if let Some(span) = ctx.span.take() {
                 let error = e.map(|e| e.to_string());
                 span.finish(r, self.source(&snap, &ctx.peer), error.as_deref());

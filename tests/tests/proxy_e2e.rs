@@ -594,6 +594,40 @@ async fn a_taken_port_stops_the_start_with_a_clear_error() {
 }
 
 #[tokio::test]
+async fn an_sse_stream_over_h2c_arrives_chunk_by_chunk() {
+    // The accepted connections' 16 KiB write buffer must not hold back an h2 stream's frames.
+    use futures::StreamExt;
+    let (_dir, _llm, sc) = openai_sidecar("h2c-sse", "", "").await;
+    let body = json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "one two three"}]});
+    let resp = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap()
+        .post(sc.url("/llm/openai/v1/chat/completions"))
+        .header("x-mock-chunk-delay-ms", "200")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    let mut stream = resp.bytes_stream();
+    let mut arrivals = Vec::new();
+    let mut text = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        arrivals.push(std::time::Instant::now());
+        text.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(String::from_utf8_lossy(&text)
+        .trim_end()
+        .ends_with("data: [DONE]"));
+    // The mock waits 200 ms between its chunks: passed through, they arrive over ~1.6 s, not
+    // at once.
+    assert!(arrivals.len() >= 5, "{} pieces", arrivals.len());
+    let spread = *arrivals.last().unwrap() - arrivals[0];
+    assert!(spread >= Duration::from_millis(600), "{spread:?}");
+}
+
+#[tokio::test]
 async fn sigterm_lets_an_open_stream_finish_before_exit() {
     use futures::StreamExt;
     let (_dir, _llm, mut sc) = openai_sidecar("drain", "", "").await;

@@ -115,9 +115,8 @@ impl CallRecord {
     }
 }
 
-/// LLM API operation, from the request path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+/// LLM API operation, from the request path. Serialized as `as_str` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LlmOperation {
     ChatCompletions,
     Responses,
@@ -128,7 +127,7 @@ pub enum LlmOperation {
 }
 
 impl LlmOperation {
-    /// The name it is serialized under (`chat_completions`, ...), as policy input reads it.
+    /// Its name in the access log, telemetry and policy input (`chat_completions`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
             LlmOperation::ChatCompletions => "chat_completions",
@@ -138,6 +137,12 @@ impl LlmOperation {
             LlmOperation::Models => "models",
             LlmOperation::Other => "other",
         }
+    }
+}
+
+impl Serialize for LlmOperation {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
     }
 }
 
@@ -205,24 +210,4 @@ pub struct A2aCall {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub context_id: Option<String>,
     pub streaming: bool,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::LlmOperation;
-
-    #[test]
-    fn an_operation_reads_as_it_is_serialized() {
-        use LlmOperation::*;
-        for op in [
-            ChatCompletions,
-            Responses,
-            Messages,
-            Embeddings,
-            Models,
-            Other,
-        ] {
-            assert_eq!(serde_json::to_value(op).unwrap(), op.as_str());
-        }
-    }
 }

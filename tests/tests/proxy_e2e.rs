@@ -429,13 +429,27 @@ fn one_call_upstream(answer_len: usize) -> (u16, std::thread::JoinHandle<(String
     (port, server)
 }
 
+/// A sidecar whose `http/seg` route leads to `one_call_upstream(answer_len)`.
+async fn sidecar_before_one_call(
+    tag: &str,
+    answer_len: usize,
+) -> (
+    Scratch,
+    Fixture,
+    Sidecar,
+    std::thread::JoinHandle<(String, Vec<u8>, u32)>,
+) {
+    let (port, upstream) = one_call_upstream(answer_len);
+    let more = format!("  - name: http/seg\n    endpoints: [\"http://127.0.0.1:{port}\"]\n");
+    let (dir, llm, sc) = openai_sidecar(tag, "", &more).await;
+    (dir, llm, sc, upstream)
+}
+
 #[tokio::test]
 async fn a_call_and_its_answer_each_travel_in_one_segment() {
     // pingora sent a request's head and body in two segments, and an answer's head apart from
     // a body that did not fit beside it in its 1,460-byte buffer: each woke the receiver twice.
-    let (port, upstream) = one_call_upstream(4096);
-    let more = format!("  - name: http/seg\n    endpoints: [\"http://127.0.0.1:{port}\"]\n");
-    let (_dir, _llm, sc) = openai_sidecar("segments", "", &more).await;
+    let (_dir, _llm, sc, upstream) = sidecar_before_one_call("segments", 4096).await;
     let outbound = sc.outbound;
     let (head, segments_to_agent) = tokio::task::spawn_blocking(move || {
         use std::io::Write;
@@ -471,9 +485,7 @@ async fn a_call_and_its_answer_each_travel_in_one_segment() {
 #[tokio::test]
 async fn a_client_waiting_for_100_continue_gets_it_from_the_upstream() {
     // The head is flushed alone when the client waits for `100 Continue` before its body.
-    let (port, upstream) = one_call_upstream(2);
-    let more = format!("  - name: http/seg\n    endpoints: [\"http://127.0.0.1:{port}\"]\n");
-    let (_dir, _llm, sc) = openai_sidecar("continue", "", &more).await;
+    let (_dir, _llm, sc, upstream) = sidecar_before_one_call("continue", 2).await;
     let outbound = sc.outbound;
     let head = tokio::task::spawn_blocking(move || {
         use std::io::{Read, Write};

@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Instructions per proxied call, counted by callgrind (BENCHMARKS.md): repeatable for the same
 # build whatever else the machine does, where latency moves by ~0.1 ms from run to run.
-# Runs nginx as the upstream (the 200 B OpenAI-shaped answer of scripts/bench.sh), then, one at
+# Runs nginx as the upstream (an OpenAI-shaped answer as in scripts/bench.sh), then, one at
 # a time under `valgrind --tool=callgrind`, the bare pingora proxy (tests/src/bin/pingora-floor.rs)
 # and the sidecar (one worker; allow-all policy, or CALLGRIND_POLICY=DIR) on its llm/ and http/
 # routes, with its decision cache off and auto; each gets a warm-up, then N calls at 50 req/s
 # (CALLGRIND_RATE) are counted: at that rate no call waits for another under valgrind, so no new
 # connection's set-up is counted into the calls.
-# Usage: scripts/callgrind.sh [N]   (default 2000). Output files stay in $CALLGRIND_OUT (or a
-# temporary directory) for `callgrind_annotate --inclusive=yes FILE`.
+# Usage: scripts/callgrind.sh [N]   (default 2000). CALLGRIND_SIZE: the answer's bytes (default
+# 200). Output files stay in $CALLGRIND_OUT (or a temporary directory) for
+# `callgrind_annotate --inclusive=yes FILE`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-2000}
 RATE=${CALLGRIND_RATE:-50}   # slow enough that no call waits for another under valgrind
+SIZE=${CALLGRIND_SIZE:-200}
 command -v valgrind >/dev/null || { echo "callgrind: needs valgrind (apt-get install valgrind)"; exit 1; }
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || scripts/setup.sh
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
@@ -25,11 +27,11 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 UP=$(port)
 mkdir -p "$W/www"
 python3 -c '
-import json
+import json, sys
 doc = {"model": "gpt-4o-mini", "choices": [{"message": {"role": "assistant", "content": ""}}],
        "usage": {"prompt_tokens": 12, "completion_tokens": 3}}
-doc["choices"][0]["message"]["content"] = "x" * (200 - len(json.dumps(doc, separators=(",", ":"))))
-print(json.dumps(doc, separators=(",", ":")), end="")' > "$W/www/small"
+doc["choices"][0]["message"]["content"] = "x" * (int(sys.argv[1]) - len(json.dumps(doc, separators=(",", ":"))))
+print(json.dumps(doc, separators=(",", ":")), end="")' "$SIZE" > "$W/www/small"
 printf '%s' '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"benchmark request: say hello in one short sentence"}]}' > "$W/req.json"
 cat > "$W/upstream.conf" <<CONF
 daemon off; worker_processes 1; pid $W/upstream.pid; error_log $W/upstream-error.log warn;
@@ -57,7 +59,7 @@ count() { # name url command...
   printf '%-14s %10d instructions per call\n' "$name" "$((total / N))"
 }
 
-echo "# $(date -u +%FT%TZ): instructions per call, $N calls of 115 B POST -> 200 B answer, one worker"
+echo "# $(date -u +%FT%TZ): instructions per call, $N calls of 115 B POST -> $SIZE B answer, one worker"
 FP=$(port)
 count floor "http://127.0.0.1:$FP/small" target/release/pingora-floor "127.0.0.1:$FP" "127.0.0.1:$UP" 1
 POLICY=${CALLGRIND_POLICY:-$PWD/tests/fixtures/policy-allow-all}

@@ -483,6 +483,54 @@ async fn a_call_and_its_answer_each_travel_in_one_segment() {
 }
 
 #[tokio::test]
+async fn an_answer_of_a_few_kib_is_read_from_the_upstream_in_one_go() {
+    // pingora's first read of an answer took 4 KiB, so an answer of a few KiB, which arrives
+    // whole, cost a second read (and often a second wake-up) for the rest of its body. Driven
+    // through pingora's own upstream session over a real socket: the part of the body read with
+    // the header is the first body chunk, so it must be the whole body.
+    use pingora::http::RequestHeader;
+    use pingora::protocols::http::v1::client::HttpSession;
+    let body = vec![b'x'; 6000];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answer = {
+        let mut a = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        a.extend_from_slice(&body);
+        a
+    };
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = vec![0u8; 1024];
+        let n = s.read(&mut head).await.unwrap();
+        assert!(head[..n].ends_with(b"\r\n\r\n"));
+        s.write_all(&answer).await.unwrap(); // one write: the whole answer is there to read
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap(); // hold the connection until the client is done
+    });
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream: pingora::protocols::l4::stream::Stream = stream.into();
+    let mut session = HttpSession::new(Box::new(stream));
+    let mut req = RequestHeader::build("GET", b"/answer", None).unwrap();
+    req.insert_header("host", "upstream").unwrap();
+    session.write_request_header(Box::new(req)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await; // the answer is in the socket
+    session.read_response().await.unwrap();
+    let first = session.read_body_bytes().await.unwrap().expect("a body");
+    assert_eq!(
+        first.len(),
+        body.len(),
+        "the answer's body was read in pieces: the first read held only part of it"
+    );
+    assert!(session.is_body_done());
+    drop(session);
+    server.await.unwrap();
+}
+
+#[tokio::test]
 async fn a_client_waiting_for_100_continue_gets_it_from_the_upstream() {
     // The head is flushed alone when the client waits for `100 Continue` before its body.
     let (_dir, _llm, sc, upstream) = sidecar_before_one_call("continue", 2).await;

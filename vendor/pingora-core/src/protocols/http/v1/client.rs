@@ -382,7 +382,13 @@ impl HttpSession {
                 ));
             }
 
-            if self
+            // agentmesh patch: the first read of a response has room for its header and a
+            // typical body (`FIRST_RESPONSE_READ`), so that an answer of a few KiB is read in one
+            // syscall; the bytes past the header are the body's preread part, served without
+            // another read when they hold the whole body.
+            if self.response_header_read_buf.capacity() == 0 {
+                self.response_header_read_buf.reserve(FIRST_RESPONSE_READ);
+            } else if self
                 .response_header_read_buf
                 .capacity()
                 .saturating_sub(self.response_header_read_buf.len())
@@ -917,6 +923,10 @@ fn parse_resp_buffer<'buf>(
 pub(crate) fn request_target_has_forbidden_byte(path: &[u8]) -> bool {
     path.iter().any(|&b| matches!(b, 0x00 | 0x0a | 0x0d | 0x20))
 }
+
+/// agentmesh patch: room for the first read of a response: a header and a typical
+/// non-streamed LLM or tool answer (pingora read 4 KiB, so a 4 KiB answer took two reads).
+pub const FIRST_RESPONSE_READ: usize = 16 * 1024;
 
 /// agentmesh patch: whether the request asks for `100 Continue` before its body is sent.
 fn expects_continue(req: &RequestHeader) -> bool {

@@ -5,7 +5,8 @@
 #   sidecar-llm  → agentmesh-proxy on an llm/ route (body classified, usage read) → upstream
 #   sidecar-http → agentmesh-proxy on an http/ route (passthrough) → upstream
 #   pingora      → the smallest pingora proxy (tests/src/bin/pingora-floor.rs): the framework's floor
-# for a 200 B and a 4 KB response, and reports p50/p99 and the latency added over direct.
+# for a 200 B and a 4 KB response, and reports p50/p99 and the latency added over direct; then
+# the CPU time each proxy spends per call (BENCH_CPU_SECS per target alone, default 5).
 # Usage: scripts/bench.sh [RATE] [DURATION] [ROUNDS]   (defaults 1000 req/s, 30s per target, 30 rounds)
 # BENCH_SET=proxy (default): the sidecar's llm/ and http/ routes under an allow-all policy.
 # BENCH_SET=policy: the llm/ route under no-op, demo and library policies (interpreter, bytecode,
@@ -118,9 +119,9 @@ case "${BENCH_SET:-proxy}" in
     targets=("telemetry-off=llm/openai" "telemetry-on=llm/openai") ;;
   *) echo "bench: BENCH_SET is proxy, policy, cache or telemetry"; exit 1 ;;
 esac
-$LOAD "$NGINX" -c "$W/upstream.conf" & pids+=($!)
-$PROXY "$NGINX" -c "$W/proxy.conf" & pids+=($!)
-$PROXY target/release/pingora-floor "127.0.0.1:$PF" "127.0.0.1:$UP" "$WORKERS" 2>"$W/floor.log" & pids+=($!)
+$LOAD "$NGINX" -c "$W/upstream.conf" & pids+=($!); UPSTREAM_PID=$!
+$PROXY "$NGINX" -c "$W/proxy.conf" & pids+=($!); NGINX_PID=$!
+$PROXY target/release/pingora-floor "127.0.0.1:$PF" "127.0.0.1:$UP" "$WORKERS" 2>"$W/floor.log" & pids+=($!); FLOOR_PID=$!
 up=0
 for _ in $(seq 1 100); do
   ok=1
@@ -131,12 +132,45 @@ for _ in $(seq 1 100); do
 done
 [ "$up" = 1 ] || { echo "bench: nginx or a sidecar did not start"; cat "$W"/*.log; exit 1; }
 # name=URL for each sidecar target (`target=route`: the route on the sidecar of that name, or of
-# the only sidecar).
-urls() { # size
+# the only sidecar), with `| PID` of that sidecar when asked.
+urls() { # size [pid]
   for t in "${targets[@]}"; do
     name=${t%%=*}; route=${t#*=}
     s=$(printf '%s\n' "${sidecars[@]}" | grep "^$name:" || printf '%s\n' "${sidecars[@]}" | head -1)
-    echo "$name=http://127.0.0.1:$(echo "$s" | cut -d: -f4)/$route/$1"
+    echo "$name=http://127.0.0.1:$(echo "$s" | cut -d: -f4)/$route/$1${2:+|$(echo "$s" | cut -d: -f2)}"
+  done
+}
+# CPU time, in ns, of every thread of the given processes and of their children (nginx's workers).
+cpu_ns() { # pid...
+  local total=0 p t a
+  for p in "$@" $(for p in "$@"; do pgrep -P "$p"; done); do
+    for t in /proc/"$p"/task/*/schedstat; do
+      read -r a _ < "$t" 2>/dev/null && total=$((total + a))
+    done
+  done
+  echo "$total"
+}
+# CPU per call: each target alone at the same rate for CPU_SECS, its proxy's CPU time over the
+# calls (for `direct`, the upstream's own: what serving the answer costs). Real CPU time on
+# this machine, where callgrind counts instructions under emulation.
+CPU_SECS=${BENCH_CPU_SECS:-5}
+cpu_per_call() { # size
+  local line name url pid before after ref=""
+  for line in "direct=http://127.0.0.1:$UP/$1|$UPSTREAM_PID" "nginx=http://127.0.0.1:$NG/$1|$NGINX_PID" \
+      $(urls "$1" pid) "pingora=http://127.0.0.1:$PF/$1|$FLOOR_PID"; do
+    name=${line%%=*}; url=${line#*=}; pid=${url#*|}; url=${url%|*}
+    $LOAD target/release/meshbench --rate "$RATE" --duration 1s --warmup 0s --body-file "$W/req.json" "w=$url" >/dev/null 2>&1
+    before=$(cpu_ns "$pid")
+    $LOAD target/release/meshbench --rate "$RATE" --duration "${CPU_SECS}s" --warmup 0s --body-file "$W/req.json" "w=$url" 2>/dev/null \
+      | awk '$1=="w" && $3==0 {ok=1} END {exit !ok}' || echo "bench: $name had errors while its CPU was measured"
+    after=$(cpu_ns "$pid")
+    python3 -c '
+import sys
+name, ns, calls, ref = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+us = ns / calls / 1000
+rel = f"  {us / float(ref):5.2f}x nginx" if ref else ""
+print(f"{name:<16} {us:7.1f} us CPU per call{rel}")' "$name" "$((after - before))" "$((RATE * CPU_SECS))" "$ref"
+    [ "$name" = nginx ] && ref=$(python3 -c "print($((after - before)) / $((RATE * CPU_SECS)) / 1000)")
   done
 }
 
@@ -151,6 +185,8 @@ for size in $SIZES; do
     "nginx=http://127.0.0.1:$NG/$size" \
     $(urls "$size") \
     "pingora=http://127.0.0.1:$PF/$size"
+  echo; echo "CPU time per call, each target alone at $RATE req/s for ${CPU_SECS}s (direct: the upstream's):"
+  cpu_per_call "$size"
 done
 echo
 for s in "${sidecars[@]}"; do

@@ -2,7 +2,8 @@
 # Instructions per proxied call, counted by callgrind (BENCHMARKS.md): repeatable for the same
 # build whatever else the machine does, where latency moves by ~0.1 ms from run to run.
 # Runs nginx as the upstream (an OpenAI-shaped answer as in scripts/bench.sh), then, one at
-# a time under `valgrind --tool=callgrind`, the bare pingora proxy (tests/src/bin/pingora-floor.rs)
+# a time under `valgrind --tool=callgrind`, nginx as a plain reverse proxy (its one process
+# serving, as in scripts/bench.sh: the baseline), the bare pingora proxy (tests/src/bin/pingora-floor.rs)
 # and the sidecar (one worker; allow-all policy, or CALLGRIND_POLICY=DIR) on its llm/ and http/
 # routes, with its decision cache off and auto; each gets a warm-up, then N calls at 50 req/s
 # (CALLGRIND_RATE) are counted: at that rate no call waits for another under valgrind, so no new
@@ -60,6 +61,15 @@ count() { # name url command...
 }
 
 echo "# $(date -u +%FT%TZ): instructions per call, $N calls of 115 B POST -> $SIZE B answer, one worker"
+NG=$(port)
+cat > "$W/proxy.conf" <<CONF
+daemon off; master_process off; worker_processes 1; pid $W/proxy.pid; error_log $W/proxy-error.log warn;
+events { worker_connections 1024; }
+http { access_log off; client_body_temp_path $W; proxy_temp_path $W; fastcgi_temp_path $W; uwsgi_temp_path $W; scgi_temp_path $W;
+  upstream up { server 127.0.0.1:$UP; keepalive 64; }
+  server { listen 127.0.0.1:$NG; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+CONF
+count nginx "http://127.0.0.1:$NG/small" "$NGINX" -c "$W/proxy.conf"   # the plain-proxy baseline
 FP=$(port)
 count floor "http://127.0.0.1:$FP/small" target/release/pingora-floor "127.0.0.1:$FP" "127.0.0.1:$UP" 1
 POLICY=${CALLGRIND_POLICY:-$PWD/tests/fixtures/policy-allow-all}

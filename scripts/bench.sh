@@ -6,7 +6,7 @@
 #   sidecar-http → agentmesh-proxy on an http/ route (passthrough) → upstream
 #   pingora      → the smallest pingora proxy (tests/src/bin/pingora-floor.rs): the framework's floor
 # for a 200 B and a 4 KB response, and reports p50/p99 and the latency added over direct; then
-# the CPU time each proxy spends per call (BENCH_CPU_SECS per target alone, default 5).
+# the CPU time each proxy spends per call (BENCH_CPU_SECS per target alone, default 10).
 # Usage: scripts/bench.sh [RATE] [DURATION] [ROUNDS]   (defaults 1000 req/s, 30s per target, 30 rounds)
 # BENCH_SET=proxy (default): the sidecar's llm/ and http/ routes under an allow-all policy.
 # BENCH_SET=policy: the llm/ route under no-op, demo and library policies (interpreter, bytecode,
@@ -153,7 +153,7 @@ cpu_ns() { # pid...
 # CPU per call: each target alone at the same rate for CPU_SECS, its proxy's CPU time over the
 # calls (for `direct`, the upstream's own: what serving the answer costs). Real CPU time on
 # this machine, where callgrind counts instructions under emulation.
-CPU_SECS=${BENCH_CPU_SECS:-5}
+CPU_SECS=${BENCH_CPU_SECS:-10}
 cpu_per_call() { # size
   local line name url pid before after ref=""
   for line in "direct=http://127.0.0.1:$UP/$1|$UPSTREAM_PID" "nginx=http://127.0.0.1:$NG/$1|$NGINX_PID" \
@@ -170,7 +170,7 @@ name, ns, calls, ref = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv
 us = ns / calls / 1000
 rel = f"  {us / float(ref):5.2f}x nginx" if ref else ""
 print(f"{name:<16} {us:7.1f} us CPU per call{rel}")' "$name" "$((after - before))" "$((RATE * CPU_SECS))" "$ref"
-    [ "$name" = nginx ] && ref=$(python3 -c "print($((after - before)) / $((RATE * CPU_SECS)) / 1000)")
+    if [ "$name" = nginx ]; then ref=$(python3 -c "print($((after - before)) / $((RATE * CPU_SECS)) / 1000)"); fi
   done
 }
 

@@ -7,6 +7,11 @@
 use async_trait::async_trait;
 use pingora::prelude::*;
 
+// The sidecar's allocator and options, so that the floor differs from the sidecar only in the
+// sidecar's own phases.
+#[path = "../../../proxy/src/allocator.rs"]
+mod allocator;
+
 struct Floor(String);
 
 #[async_trait]

@@ -155,7 +155,7 @@ cpu_ns() { # pid...
 # this machine, where callgrind counts instructions under emulation.
 CPU_SECS=${BENCH_CPU_SECS:-10}
 cpu_per_call() { # size
-  local line name url pid before after ref=""
+  local line name url pid before after us ref=""
   for line in "direct=http://127.0.0.1:$UP/$1|$UPSTREAM_PID" "nginx=http://127.0.0.1:$NG/$1|$NGINX_PID" \
       $(urls "$1" pid) "pingora=http://127.0.0.1:$PF/$1|$FLOOR_PID"; do
     name=${line%%=*}; url=${line#*=}; pid=${url#*|}; url=${url%|*}
@@ -164,13 +164,10 @@ cpu_per_call() { # size
     $LOAD target/release/meshbench --rate "$RATE" --duration "${CPU_SECS}s" --warmup 0s --body-file "$W/req.json" "w=$url" 2>/dev/null \
       | awk '$1=="w" && $3==0 {ok=1} END {exit !ok}' || echo "bench: $name had errors while its CPU was measured"
     after=$(cpu_ns "$pid")
-    python3 -c '
-import sys
-name, ns, calls, ref = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-us = ns / calls / 1000
-rel = f"  {us / float(ref):5.2f}x nginx" if ref else ""
-print(f"{name:<16} {us:7.1f} us CPU per call{rel}")' "$name" "$((after - before))" "$((RATE * CPU_SECS))" "$ref"
-    if [ "$name" = nginx ]; then ref=$(python3 -c "print($((after - before)) / $((RATE * CPU_SECS)) / 1000)"); fi
+    us=$(awk -v ns=$((after - before)) -v calls=$((RATE * CPU_SECS)) 'BEGIN {print ns / calls / 1000}')
+    awk -v name="$name" -v us="$us" -v ref="$ref" \
+      'BEGIN {printf "%-16s %7.1f us CPU per call", name, us; if (ref != "") printf "  %5.2fx nginx", us / ref; print ""}'
+    if [ "$name" = nginx ]; then ref=$us; fi
   done
 }
 

@@ -502,12 +502,15 @@ async fn an_answer_of_a_few_kib_is_read_from_the_upstream_in_one_go() {
         a.extend_from_slice(&body);
         a
     };
+    let (written_tx, written) = tokio::sync::oneshot::channel();
     let server = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
         let mut head = vec![0u8; 1024];
         let n = s.read(&mut head).await.unwrap();
         assert!(head[..n].ends_with(b"\r\n\r\n"));
-        s.write_all(&answer).await.unwrap(); // one write: the whole answer is there to read
+        // One write; on loopback its bytes are in the client's socket once it returns.
+        s.write_all(&answer).await.unwrap();
+        written_tx.send(()).unwrap();
         let mut rest = Vec::new();
         s.read_to_end(&mut rest).await.unwrap(); // hold the connection until the client is done
     });
@@ -517,7 +520,7 @@ async fn an_answer_of_a_few_kib_is_read_from_the_upstream_in_one_go() {
     let mut req = RequestHeader::build("GET", b"/answer", None).unwrap();
     req.insert_header("host", "upstream").unwrap();
     session.write_request_header(Box::new(req)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await; // the answer is in the socket
+    written.await.unwrap(); // the whole answer is there to read
     session.read_response().await.unwrap();
     let first = session.read_body_bytes().await.unwrap().expect("a body");
     assert_eq!(

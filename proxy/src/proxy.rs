@@ -656,7 +656,11 @@ impl ProxyHttp for MeshProxy {
             // The agent holds no credentials: whatever it sent (a dummy provider key, the
             // user's token) stays here, and the sidecar's own credential goes out instead.
             for h in agentmesh_policy::input::CREDENTIAL_HEADERS {
-                req.remove_header(h);
+                // Looked up first: pingora's removal also rebuilds its header-case map, and
+                // most calls carry none of these.
+                if req.headers.contains_key(h) {
+                    req.remove_header(h);
+                }
             }
             if let Some(c) = &up.config.credential {
                 let secret = self

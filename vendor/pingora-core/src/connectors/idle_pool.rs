@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// One idle connection.
-pub(crate) struct Idle {
-    pub(crate) stream: Stream,
+struct Idle {
+    stream: Stream,
     since: Instant,
     timeout: Option<Duration>,
 }
@@ -42,7 +42,8 @@ impl Idle {
 
 #[derive(Default)]
 struct Lists {
-    /// Oldest at the front, most recently released at the back.
+    /// Oldest at the front, most recently released at the back. A list emptied by reuse stays
+    /// until the next sweep.
     by_key: HashMap<u64, VecDeque<Idle>>,
     count: usize,
     sweeper_started: bool,
@@ -111,11 +112,9 @@ impl IdlePool {
     /// it is still good; [`Self::take_fresh`] does the idle-timeout part.
     fn take(&self, key: u64) -> Option<Idle> {
         let mut lists = self.lists.lock();
-        let list = lists.by_key.get_mut(&key)?;
-        let idle = list.pop_back();
-        if list.is_empty() {
-            lists.by_key.remove(&key);
-        }
+        // An emptied list stays (the sweeper drops it): a peer's one connection goes back and
+        // forth without a list being freed and made again on every call.
+        let idle = lists.by_key.get_mut(&key)?.pop_back();
         if idle.is_some() {
             lists.count -= 1;
         }
@@ -172,11 +171,7 @@ impl Lists {
             .filter_map(|(k, list)| list.front().map(|idle| (k, idle.since)))
             .min_by_key(|(_, since)| *since)?
             .0;
-        let list = self.by_key.get_mut(&key)?;
-        let idle = list.pop_front();
-        if list.is_empty() {
-            self.by_key.remove(&key);
-        }
+        let idle = self.by_key.get_mut(&key)?.pop_front();
         self.count -= 1;
         idle
     }

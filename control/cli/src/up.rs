@@ -105,7 +105,8 @@ impl Up {
         Ok(())
     }
 
-    /// Waits until `url` answers 2xx, or fails naming the process's log.
+    /// Waits until `url` answers 2xx, or fails with the last answer (a `/readyz` says what it
+    /// waits for) and the end of the process's log.
     async fn wait_http(
         &mut self,
         name: &str,
@@ -113,24 +114,25 @@ impl Up {
         client: &reqwest::Client,
     ) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let log = self.run.join(format!("{name}.log"));
         loop {
-            if let Ok(r) = client.get(url).send().await {
-                if r.status().is_success() {
-                    return Ok(());
+            let last = match client.get(url).send().await {
+                Ok(r) if r.status().is_success() => return Ok(()),
+                Ok(r) => {
+                    let status = r.status();
+                    format!("{status} {}", r.text().await.unwrap_or_default().trim())
                 }
-            }
+                Err(e) => format!("no answer ({e})"),
+            };
             if let Some(p) = self.procs.iter_mut().find(|p| p.name == name) {
                 if let Ok(Some(status)) = p.child.try_wait() {
-                    bail!(
-                        "{name} exited ({status}); see {}",
-                        self.run.join(format!("{name}.log")).display()
-                    );
+                    bail!("{name} exited ({status}); {}", log_tail(&log));
                 }
             }
             if Instant::now() > deadline {
                 bail!(
-                    "{name} did not answer {url} in 30s; see {}",
-                    self.run.join(format!("{name}.log")).display()
+                    "{name} did not answer {url} with 2xx in 30s (last: {last}); {}",
+                    log_tail(&log)
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -594,4 +596,34 @@ fn rand_u128() -> u128 {
     let mut h = s.build_hasher();
     h.write_u64(a);
     (u128::from(a) << 64) | u128::from(h.finish())
+}
+
+/// The last lines of a process's log, for an error that names it.
+fn log_tail(log: &std::path::Path) -> String {
+    const LINES: usize = 20;
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(LINES)..].join("\n");
+    format!("the end of {}:\n{tail}", log.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_start_shows_the_last_twenty_lines_of_the_log() {
+        let dir = std::env::temp_dir().join(format!("up-log-tail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("planner-sidecar.log");
+        let text: String = (1..=30).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&log, text).unwrap();
+        let tail = log_tail(&log);
+        assert!(tail.starts_with(&format!("the end of {}:", log.display())));
+        assert!(tail.contains("line 11\n") && tail.ends_with("line 30"));
+        assert!(!tail.contains("line 10\n"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        // A log that is not there yet: the error still names it.
+        assert!(log_tail(&dir.join("missing.log")).contains("missing.log"));
+    }
 }

@@ -9,8 +9,10 @@
 # (CALLGRIND_RATE) are counted: at that rate no call waits for another under valgrind, so no new
 # connection's set-up is counted into the calls.
 # Usage: scripts/callgrind.sh [N]   (default 2000). CALLGRIND_SIZE: the answer's bytes (default
-# 200). Output files stay in $CALLGRIND_OUT (or a temporary directory) for
-# `callgrind_annotate --inclusive=yes FILE`.
+# 200). CALLGRIND_FOOTPRINT=1 also simulates the caches and reports, per target, the 64-byte
+# lines of code its calls run (the code a call needs back in cache after something else ran
+# on the CPU) and the L1i misses per call (32 KiB L1i, simulated). Output files stay in
+# $CALLGRIND_OUT (or a temporary directory) for `callgrind_annotate --inclusive=yes FILE`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-2000}
@@ -44,7 +46,8 @@ CONF
 
 count() { # name url command...
   local name=$1 url=$2; shift 2
-  valgrind --tool=callgrind --callgrind-out-file="$OUT/$name.%p.out" "$@" 2>"$W/$name.log" &
+  # shellcheck disable=SC2086
+  valgrind --tool=callgrind --callgrind-out-file="$OUT/$name.%p.out" $EXTRA "$@" 2>"$W/$name.log" &
   local vp=$!
   for _ in $(seq 1 200); do
     curl -fs -o /dev/null -X POST -d @"$W/req.json" "$url" 2>/dev/null && break; sleep 0.2
@@ -55,10 +58,41 @@ count() { # name url command...
     || echo "callgrind: $name had errors" >&2
   callgrind_control -d "$vp" >/dev/null 2>&1
   sleep 0.5; kill -INT "$vp" 2>/dev/null; wait "$vp" 2>/dev/null || true
-  local total
-  total=$(callgrind_annotate "$(ls "$OUT/$name".*.out.1 | tail -1)" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
-  printf '%-14s %10d instructions per call\n' "$name" "$((total / N))"
+  local total file
+  file=$(ls "$OUT/$name".*.out.1 | tail -1)
+  total=$(callgrind_annotate "$file" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+  if [ -z "$EXTRA" ]; then
+    printf '%-14s %10d instructions per call\n' "$name" "$((total / N))"
+  else
+    footprint "$name" "$file" "$total"
+  fi
 }
+# Code lines run and L1i misses, from a dump with absolute instruction addresses. Cost lines
+# are `0xADDR Ir I1mr ...`; a `calls=` line's next line is that call's inclusive cost, which
+# is left out of the misses (its instruction is counted where it runs).
+footprint() { # name file total-instructions
+  python3 - "$1" "$2" "$3" "$N" <<'PY'
+import sys
+name, path, total, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+lines, i1, col, skip = set(), 0, None, False
+for row in open(path):
+    if row.startswith("events:"):
+        col = row.split()[1:].index("I1mr") + 1
+    elif row.startswith("calls="):
+        skip = True
+        continue
+    elif row.startswith("0x"):
+        f = row.split()
+        if not skip:
+            lines.add(int(f[0], 16) // 64)
+            i1 += int(f[col]) if len(f) > col else 0
+    skip = False
+print(f"{name:<26} {total // n:>10} instructions per call  {len(lines):>6} code lines "
+      f"({len(lines) * 64 // 1024} KiB)  {i1 / n:>7.0f} L1i misses per call")
+PY
+}
+EXTRA=""
+[ -n "${CALLGRIND_FOOTPRINT:-}" ] && EXTRA="--cache-sim=yes --dump-instr=yes --dump-line=no --compress-pos=no --compress-strings=no"
 
 echo "# $(date -u +%FT%TZ): instructions per call, $N calls of 115 B POST -> $SIZE B answer, one worker"
 NG=$(port)

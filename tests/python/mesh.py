@@ -92,7 +92,13 @@ policy: {{path: "{POLICY}"}}
 
     def wait_calls(self, n: int, timeout: float = 5.0) -> list[dict]:
         """The access log is written when a call ends; wait until it has `n` lines."""
+        return self.wait_until(lambda calls: len(calls) >= n, timeout)
+
+    def wait_until(self, done, timeout: float = 15.0) -> list[dict]:
+        """The access log's calls once `done(calls)` holds, or as they are at `timeout`."""
         deadline = time.time() + timeout
-        while len(self.calls()) < n and time.time() < deadline:
+        calls = self.calls()
+        while not done(calls) and time.time() < deadline:
             time.sleep(0.02)
-        return self.calls()
+            calls = self.calls()
+        return calls

@@ -19,6 +19,8 @@
 # BENCH_CPUS=isolated (default): the load generator and the upstream run on CPU 0, each proxy
 #   under test on CPU 1 with one worker, so that a proxy is measured, not the contention
 #   between it and the load generator. BENCH_CPUS=shared: no pinning, proxies with 2 workers.
+# BENCH_SIDECAR=pgo measures the profile-guided build (scripts/build-pgo.sh, run first) instead
+#   of target/release; any other value is the path of the sidecar binary to measure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RATE=${1:-1000}; DURATION=${2:-30s}; ROUNDS=${3:-30}
@@ -29,55 +31,27 @@ case "$CPUS" in
   shared)   LOAD=""; PROXY=""; WORKERS=2 ;;
   *) echo "bench: BENCH_CPUS is isolated or shared"; exit 1 ;;
 esac
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || scripts/setup.sh
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-cargo build --release -q -p agentmesh-proxy -p agentmesh-tests --bins
+source scripts/lib.sh
+NGINX=$(find_nginx)
+# The sidecar's release build only when it is the one measured (BENCH_SIDECAR unset).
+pkgs=(-p agentmesh-tests); [ -n "${BENCH_SIDECAR:-}" ] || pkgs+=(-p agentmesh-proxy)
+cargo build --release -q "${pkgs[@]}" --bins
+SIDECAR_BIN=$(sidecar_bin)
 
-W=$(mktemp -d); pids=()
-cleanup() { for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UP=$(port); NG=$(port); PF=$(port)
-
-# An OpenAI-shaped answer with usage, padded to the size asked.
-answer() {
-  python3 -c '
-import json, sys
-size = int(sys.argv[1])
-doc = {"model": "gpt-4o-mini", "choices": [{"message": {"role": "assistant", "content": ""}}],
-       "usage": {"prompt_tokens": 12, "completion_tokens": 3}}
-base = len(json.dumps(doc, separators=(",", ":")))
-doc["choices"][0]["message"]["content"] = "x" * max(0, size - base)
-print(json.dumps(doc, separators=(",", ":")), end="")' "$1"
-}
-mkdir -p "$W/www"; answer 200 > "$W/www/small"; answer 4096 > "$W/www/large"
-printf '%s' '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"benchmark request: say hello in one short sentence"}]}' > "$W/req.json"
+W=$(mktemp -d); start_cleanup "$W"
+UP=$(free_port); NG=$(free_port); PF=$(free_port)
+mkdir -p "$W/www"; bench_answer 200 > "$W/www/small"; bench_answer 4096 > "$W/www/large"
+printf '%s' "$BENCH_REQUEST" > "$W/req.json"
 
 # Two nginx processes: the upstream, and the plain reverse proxy in front of it. They must not
 # share worker processes, or nginx's proxy hop would be an in-process call the sidecar cannot make.
-nginx_conf() { # name workers server-block
-  cat > "$W/$1.conf" <<NGINX_CONF
-daemon off;
-worker_processes $2;
-pid $W/$1.pid;
-error_log $W/$1-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $W; proxy_temp_path $W; fastcgi_temp_path $W; uwsgi_temp_path $W; scgi_temp_path $W;
-  $3
-}
-NGINX_CONF
-}
-# Static files answer POST with 405; the internal redirect serves them as GET.
-nginx_conf upstream "$WORKERS" "server { listen 127.0.0.1:$UP; default_type application/json; location / { root $W/www; error_page 405 =200 \$uri; } }"
-nginx_conf proxy "$WORKERS" "upstream up { server 127.0.0.1:$UP; keepalive 64; }
-  server { listen 127.0.0.1:$NG; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+nginx_conf upstream "$WORKERS" "$(nginx_upstream_block "$UP")"
+nginx_conf proxy "$WORKERS" "$(nginx_proxy_block "$NG" "$UP")"
 # A sidecar for agent `planner` (the policy library's example manifest grants it llm/openai and
 # gpt-4o-mini), under the policy section given; prints its outbound port.
 sidecars=()
 sidecar() { # name policy-yaml [extra-yaml] [access-log]
-  local out adm; out=$(port); adm=$(port)
+  local out adm; out=$(free_port); adm=$(free_port)
   cat > "$W/$1.yaml" <<SIDECAR_CONF
 agent: {name: planner}
 listeners: {outbound: "127.0.0.1:$out", admin: "127.0.0.1:$adm"}
@@ -87,7 +61,7 @@ upstreams:
 policy: $2
 ${3:-}
 SIDECAR_CONF
-  $PROXY target/release/agentmesh-proxy --config "$W/$1.yaml" --access-log "${4:-off}" --threads "$WORKERS" 2>"$W/$1.log" &
+  $PROXY "$SIDECAR_BIN" --config "$W/$1.yaml" --access-log "${4:-off}" --threads "$WORKERS" 2>"$W/$1.log" &
   pids+=($!); sidecars+=("$1:$!:$adm:$out")
 }
 ALLOW_ALL="{path: $PWD/tests/fixtures/policy-allow-all}"
@@ -109,7 +83,7 @@ case "${BENCH_SET:-proxy}" in
     sidecar cache-auto "{path: $PWD/examples/local/policy}"
     targets=("cache-off=llm/openai" "cache-auto=llm/openai") ;;
   telemetry) # the llm/ route with telemetry off (metrics only) and on (+ access log + OTLP spans)
-    OT=$(port)
+    OT=$(free_port)
     $LOAD target/release/otlp-sink "127.0.0.1:$OT" 2>"$W/otlp-sink.log" & pids+=($!)
     sidecar telemetry-off "$ALLOW_ALL"
     # The access log goes beside, not into, the configs' directory: the sidecar watches that

@@ -13,35 +13,25 @@
 # lines of code its calls run (the code a call needs back in cache after something else ran
 # on the CPU) and the L1i misses per call (32 KiB L1i, simulated). Output files stay in
 # $CALLGRIND_OUT (or a temporary directory) for `callgrind_annotate --inclusive=yes FILE`.
+# BENCH_SIDECAR=pgo counts the profile-guided build (scripts/build-pgo.sh), as in bench.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-2000}
 RATE=${CALLGRIND_RATE:-50}   # slow enough that no call waits for another under valgrind
 SIZE=${CALLGRIND_SIZE:-200}
 command -v valgrind >/dev/null || { echo "callgrind: needs valgrind (apt-get install valgrind)"; exit 1; }
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || scripts/setup.sh
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-cargo build --release -q -p agentmesh-proxy -p agentmesh-tests --bins
+source scripts/lib.sh
+NGINX=$(find_nginx)
+# The sidecar's release build only when it is the one measured (BENCH_SIDECAR unset).
+pkgs=(-p agentmesh-tests); [ -n "${BENCH_SIDECAR:-}" ] || pkgs+=(-p agentmesh-proxy)
+cargo build --release -q "${pkgs[@]}" --bins
+SIDECAR_BIN=$(sidecar_bin)
 OUT=${CALLGRIND_OUT:-$(mktemp -d)}; mkdir -p "$OUT"
-W=$(mktemp -d); pids=()
-cleanup() { for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UP=$(port)
-mkdir -p "$W/www"
-python3 -c '
-import json, sys
-doc = {"model": "gpt-4o-mini", "choices": [{"message": {"role": "assistant", "content": ""}}],
-       "usage": {"prompt_tokens": 12, "completion_tokens": 3}}
-doc["choices"][0]["message"]["content"] = "x" * (int(sys.argv[1]) - len(json.dumps(doc, separators=(",", ":"))))
-print(json.dumps(doc, separators=(",", ":")), end="")' "$SIZE" > "$W/www/small"
-printf '%s' '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"benchmark request: say hello in one short sentence"}]}' > "$W/req.json"
-cat > "$W/upstream.conf" <<CONF
-daemon off; worker_processes 1; pid $W/upstream.pid; error_log $W/upstream-error.log warn;
-events { worker_connections 1024; }
-http { access_log off; client_body_temp_path $W; proxy_temp_path $W; fastcgi_temp_path $W; uwsgi_temp_path $W; scgi_temp_path $W;
-  server { listen 127.0.0.1:$UP; default_type application/json; location / { root $W/www; error_page 405 =200 \$uri; } } }
-CONF
+W=$(mktemp -d); start_cleanup "$W"
+UP=$(free_port)
+mkdir -p "$W/www"; bench_answer "$SIZE" > "$W/www/small"
+printf '%s' "$BENCH_REQUEST" > "$W/req.json"
+nginx_conf upstream 1 "$(nginx_upstream_block "$UP")"
 "$NGINX" -c "$W/upstream.conf" & pids+=($!)
 
 count() { # name url command...
@@ -95,21 +85,16 @@ EXTRA=""
 [ -n "${CALLGRIND_FOOTPRINT:-}" ] && EXTRA="--cache-sim=yes --dump-instr=yes --dump-line=no --compress-pos=no --compress-strings=no"
 
 echo "# $(date -u +%FT%TZ): instructions per call, $N calls of 115 B POST -> $SIZE B answer, one worker"
-NG=$(port)
-cat > "$W/proxy.conf" <<CONF
-daemon off; master_process off; worker_processes 1; pid $W/proxy.pid; error_log $W/proxy-error.log warn;
-events { worker_connections 1024; }
-http { access_log off; client_body_temp_path $W; proxy_temp_path $W; fastcgi_temp_path $W; uwsgi_temp_path $W; scgi_temp_path $W;
-  upstream up { server 127.0.0.1:$UP; keepalive 64; }
-  server { listen 127.0.0.1:$NG; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
-CONF
+NG=$(free_port)
+# One process (no master), so that valgrind counts the worker that proxies.
+nginx_conf proxy 1 "$(nginx_proxy_block "$NG" "$UP")" "master_process off;"
 count nginx "http://127.0.0.1:$NG/small" "$NGINX" -c "$W/proxy.conf"   # the plain-proxy baseline
-FP=$(port)
+FP=$(free_port)
 count floor "http://127.0.0.1:$FP/small" target/release/pingora-floor "127.0.0.1:$FP" "127.0.0.1:$UP" 1
 POLICY=${CALLGRIND_POLICY:-$PWD/tests/fixtures/policy-allow-all}
 echo "# sidecar policy: $POLICY"
 for cache in off auto; do
-  OUTP=$(port); ADM=$(port)
+  OUTP=$(free_port); ADM=$(free_port)
   cat > "$W/sidecar.yaml" <<CONF
 agent: {name: planner}
 listeners: {outbound: "127.0.0.1:$OUTP", admin: "127.0.0.1:$ADM"}
@@ -120,7 +105,7 @@ policy: {path: $POLICY, cache: {mode: $cache}}
 CONF
   for route in llm/openai http/bench; do
     count "sidecar-${route%%/*}-cache-$cache" "http://127.0.0.1:$OUTP/$route/small" \
-      target/release/agentmesh-proxy --config "$W/sidecar.yaml" --access-log off --threads 1
+      "$SIDECAR_BIN" --config "$W/sidecar.yaml" --access-log off --threads 1
   done
 done
 echo "callgrind files: $OUT"

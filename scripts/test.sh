@@ -14,3 +14,8 @@ cargo build --workspace --bins
 cargo test --workspace
 echo "==> SDK suites (pytest)"
 AGENTMESH_BIN_DIR="$PWD/target/debug" .venv/bin/python -m pytest -q tests/python
+echo "==> profile-guided build (scripts/build-pgo.sh, dev profile): train, rebuild, run the mesh on it"
+# The dev profile checks the build's steps (instrument, train, merge, rebuild) and that the
+# binaries it makes run the whole mesh, in a fraction of the release build's time.
+PGO_PROFILE=dev scripts/build-pgo.sh
+target/pgo-dev/bin/agentmesh up --exit --run-dir .agentmesh/pgo-check

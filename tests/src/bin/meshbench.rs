@@ -5,7 +5,8 @@
 //!
 //! `meshbench --rate 1000 --duration 10s --warmup 2s --body-file req.json NAME=URL [NAME=URL ...]`
 //! runs the targets one after another and prints one line per target, plus the added latency of
-//! every target against the first (the baseline).
+//! every target against the first (the baseline). `--header 'Name: value'` adds a header to
+//! every request, `--http2` speaks h2c (scripts/pgo-train.sh uses both for MCP calls).
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -32,10 +33,16 @@ struct Args {
     /// POST this file as the request body (GET without it).
     #[arg(long)]
     body_file: Option<std::path::PathBuf>,
+    /// `Name: value`, sent on every request (repeatable), e.g. the headers of an MCP call.
+    #[arg(long = "header", value_parser = parse_header)]
+    headers: Vec<Header>,
     /// Rounds: targets are measured in turn, `rounds` times, each for `duration / rounds`, so
     /// that drift in the machine's load is spread over all targets alike.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
+    /// Speak HTTP/2 without TLS (h2c, prior knowledge) instead of HTTP/1.1.
+    #[arg(long)]
+    http2: bool,
     /// Print results as JSON lines too.
     #[arg(long)]
     json: bool,
@@ -68,15 +75,32 @@ impl Stats {
 }
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+type Header = (hyper::header::HeaderName, hyper::header::HeaderValue);
 
-async fn one(client: &HttpClient, url: &hyper::Uri, body: &Option<Bytes>) -> bool {
-    let req = match body {
-        Some(b) => hyper::Request::post(url.clone())
-            .header("content-type", "application/json")
-            .body(Full::new(b.clone())),
-        None => hyper::Request::get(url.clone()).body(Full::new(Bytes::new())),
+fn parse_header(s: &str) -> anyhow::Result<Header> {
+    let (name, value) = s.split_once(':').context("a header is `Name: value`")?;
+    Ok((name.trim().parse()?, value.trim().parse()?))
+}
+
+/// What every request of a run carries besides its URL.
+#[derive(Clone)]
+struct Request {
+    body: Option<Bytes>,
+    headers: Arc<Vec<Header>>,
+}
+
+async fn one(client: &HttpClient, url: &hyper::Uri, request: &Request) -> bool {
+    let builder = match &request.body {
+        Some(_) => hyper::Request::post(url.clone()).header("content-type", "application/json"),
+        None => hyper::Request::get(url.clone()),
     };
-    let Ok(req) = req else { return false };
+    let builder = request
+        .headers
+        .iter()
+        .fold(builder, |b, (k, v)| b.header(k, v));
+    let Ok(req) = builder.body(Full::new(request.body.clone().unwrap_or_default())) else {
+        return false;
+    };
     match client.request(req).await {
         Ok(resp) => {
             let ok = resp.status().is_success();
@@ -90,7 +114,7 @@ async fn run(
     client: &HttpClient,
     name: &str,
     url: &str,
-    body: &Option<Bytes>,
+    request: &Request,
     rate: u64,
     dur: Duration,
 ) -> anyhow::Result<Stats> {
@@ -102,7 +126,7 @@ async fn run(
     // which at 1,000 req/s would add up to a millisecond of scheduling noise to every sample.
     let rt = tokio::runtime::Handle::current();
     let start = Instant::now();
-    let (client, uri, body) = (client.clone(), uri.clone(), body.clone());
+    let (client, uri, request) = (client.clone(), uri.clone(), request.clone());
     let (lat2, err2) = (lat.clone(), errors.clone());
     let handles = std::thread::spawn(move || {
         let mut handles = Vec::with_capacity(total);
@@ -111,15 +135,15 @@ async fn run(
             if let Some(wait) = at.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }
-            let (client, uri, body, lat, errors) = (
+            let (client, uri, request, lat, errors) = (
                 client.clone(),
                 uri.clone(),
-                body.clone(),
+                request.clone(),
                 lat2.clone(),
                 err2.clone(),
             );
             handles.push(rt.spawn(async move {
-                if one(&client, &uri, &body).await {
+                if one(&client, &uri, &request).await {
                     lat.lock().await.push(at.elapsed().as_micros() as u64);
                 } else {
                     errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -160,15 +184,20 @@ async fn main() -> anyhow::Result<()> {
         )),
         None => None,
     };
+    let request = Request {
+        body,
+        headers: Arc::new(args.headers.clone()),
+    };
     let mut targets = Vec::new();
     for t in &args.targets {
         let (name, url) = t.split_once('=').context("targets are NAME=URL")?;
         // A keep-alive pool per target, so targets do not share connections.
         let client: HttpClient = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
+            .http2_only(args.http2)
             .build_http();
         eprintln!("{name}: warming up {:?}", args.warmup);
-        run(&client, name, url, &body, args.rate, args.warmup).await?;
+        run(&client, name, url, &request, args.rate, args.warmup).await?;
         targets.push((name, url, client));
     }
     let slice = args.duration / args.rounds.max(1);
@@ -184,7 +213,7 @@ async fn main() -> anyhow::Result<()> {
                 round + 1,
                 args.rate
             );
-            let s = run(client, name, url, &body, args.rate, slice).await?;
+            let s = run(client, name, url, &request, args.rate, slice).await?;
             match &mut results[i] {
                 Some(r) => {
                     r.sent += s.sent;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The profile-guided release build: the build to ship (BENCHMARKS.md, "Profile-guided build").
+# The profile-guided release build: the build to ship (README; BENCHMARKS.md, "ninth session").
 #   1. builds the mesh's binaries instrumented (-Cprofile-generate), in target/pgo-gen;
 #   2. trains them on the calls a sidecar carries (scripts/pgo-train.sh): the whole local mesh
 #      (`agentmesh up`: control plane, SVIDs, mTLS between sidecars, A2A, MCP, LLM, the policy

@@ -14,7 +14,7 @@ start_cleanup() { # work-dir
 stop_all() {
   local p i
   for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
-  for i in $(seq 1 50); do
+  for i in $(seq 1 50); do   # until none runs (the inner loop stops at one that still does)
     for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && break; done
     kill -0 "$p" 2>/dev/null || break
     sleep 0.1

@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 BIN=${1:?usage: scripts/pgo-train.sh BIN_DIR}
 RATE=${PGO_TRAIN_RATE:-500}; SECS=${PGO_TRAIN_SECS:-3}
 source scripts/lib.sh
+command -v curl >/dev/null || { echo "pgo-train: needs curl (scripts/setup.sh installs it)"; exit 1; }
 # The load generator and the span sink are not trained: the test harness's debug build.
 cargo build -q -p agentmesh-tests --bin meshbench --bin otlp-sink
 TOOLS=target/debug

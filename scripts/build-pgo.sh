@@ -7,7 +7,7 @@
 #   3. merges the profiles with the toolchain's llvm-profdata (rustup's llvm-tools component,
 #      installed when missing);
 #   4. builds the same binaries with that profile (-Cprofile-use) into target/pgo/bin.
-# Takes two fat-LTO builds and a minute of training: about 35 minutes on 2 cores.
+# Takes two fat-LTO builds and a minute of training: about 37 minutes on 2 cores.
 # PGO_PROFILE=quick-release or dev: that cargo profile instead, into target/pgo-PROFILE (faster;
 # for checking the script, not for shipping). Extra RUSTFLAGS from the environment are kept.
 set -euo pipefail

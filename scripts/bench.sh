@@ -33,10 +33,7 @@ case "$CPUS" in
 esac
 source scripts/lib.sh
 NGINX=$(find_nginx)
-# The sidecar's release build only when it is the one measured (BENCH_SIDECAR unset).
-pkgs=(-p agentmesh-tests); [ -n "${BENCH_SIDECAR:-}" ] || pkgs+=(-p agentmesh-proxy)
-cargo build --release -q "${pkgs[@]}" --bins
-SIDECAR_BIN=$(sidecar_bin)
+SIDECAR_BIN=$(build_bench_bins)
 
 W=$(mktemp -d); start_cleanup "$W"
 UP=$(free_port); NG=$(free_port); PF=$(free_port)

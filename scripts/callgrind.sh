@@ -22,10 +22,7 @@ SIZE=${CALLGRIND_SIZE:-200}
 command -v valgrind >/dev/null || { echo "callgrind: needs valgrind (apt-get install valgrind)"; exit 1; }
 source scripts/lib.sh
 NGINX=$(find_nginx)
-# The sidecar's release build only when it is the one measured (BENCH_SIDECAR unset).
-pkgs=(-p agentmesh-tests); [ -n "${BENCH_SIDECAR:-}" ] || pkgs+=(-p agentmesh-proxy)
-cargo build --release -q "${pkgs[@]}" --bins
-SIDECAR_BIN=$(sidecar_bin)
+SIDECAR_BIN=$(build_bench_bins)
 OUT=${CALLGRIND_OUT:-$(mktemp -d)}; mkdir -p "$OUT"
 W=$(mktemp -d); start_cleanup "$W"
 UP=$(free_port)

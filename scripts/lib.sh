@@ -12,11 +12,12 @@ start_cleanup() { # work-dir
   trap stop_all EXIT
 }
 stop_all() {
-  local p i
+  local p i running
   for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
-  for i in $(seq 1 50); do   # until none runs (the inner loop stops at one that still does)
-    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && break; done
-    kill -0 "$p" 2>/dev/null || break
+  for i in $(seq 1 50); do
+    running=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && running=1; done
+    [ "$running" = 1 ] || break
     sleep 0.1
   done
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
@@ -83,15 +84,17 @@ nginx_proxy_block() { # port upstream-port
   server { listen 127.0.0.1:$1; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
 }
 
-# The sidecar binary a benchmark measures: BENCH_SIDECAR=pgo is the profile-guided build, a path
-# is that binary, unset is target/release.
-sidecar_bin() {
-  local bin
+# Builds the benchmark tools (release: load generator, pingora floor, OTLP sink) and prints the
+# sidecar binary to measure: BENCH_SIDECAR=pgo is the profile-guided build, a path is that
+# binary, unset is target/release (built here too only in that case).
+build_bench_bins() {
+  local bin pkgs=(-p agentmesh-tests)
   case "${BENCH_SIDECAR:-}" in
-    "") bin=target/release/agentmesh-proxy ;;
+    "") bin=target/release/agentmesh-proxy; pkgs+=(-p agentmesh-proxy) ;;
     pgo) bin=target/pgo/bin/agentmesh-proxy ;;
     *) bin=$BENCH_SIDECAR ;;
   esac
+  cargo build --release -q "${pkgs[@]}" --bins >&2 || exit 1
   [ -x "$bin" ] || { echo "no sidecar binary at $bin (BENCH_SIDECAR=pgo needs scripts/build-pgo.sh first)" >&2; exit 1; }
   echo "$bin"
 }

@@ -503,6 +503,12 @@ impl ProxyHttp for MeshProxy {
         })
     }
 
+    /// No downstream modules. pingora's default registers its response-compression module at
+    /// level 0 (off), which still builds a boxed module context for every request and runs its
+    /// filters on every header and body chunk. The sidecar never compresses: the upstream's
+    /// `Content-Encoding` passes through as it came.
+    fn init_downstream_modules(&self, _modules: &mut pingora_core::modules::http::HttpModules) {}
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         ctx.span = self
             .traces

@@ -419,7 +419,10 @@ fn read_message(s: &mut std::net::TcpStream, continue_on_expect: bool) -> (Strin
 
 /// An upstream on a plain socket: serves one call, answering `answer_len` bytes, and returns
 /// the request's head, body and the data segments it arrived in.
-fn one_call_upstream(answer_len: usize) -> (u16, std::thread::JoinHandle<(String, Vec<u8>, u32)>) {
+fn one_call_upstream(
+    answer_len: usize,
+    extra_headers: &'static str,
+) -> (u16, std::thread::JoinHandle<(String, Vec<u8>, u32)>) {
     use std::io::Write;
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
@@ -428,7 +431,7 @@ fn one_call_upstream(answer_len: usize) -> (u16, std::thread::JoinHandle<(String
         let (head, body) = read_message(&mut c, true);
         let segments = data_segments_in(&c);
         let mut answer = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {answer_len}\r\n\r\n"
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n{extra_headers}content-length: {answer_len}\r\n\r\n"
         )
         .into_bytes();
         answer.resize(answer.len() + answer_len, b'x');
@@ -438,17 +441,18 @@ fn one_call_upstream(answer_len: usize) -> (u16, std::thread::JoinHandle<(String
     (port, server)
 }
 
-/// A sidecar whose `http/seg` route leads to `one_call_upstream(answer_len)`.
+/// A sidecar whose `http/seg` route leads to `one_call_upstream(answer_len, extra_headers)`.
 async fn sidecar_before_one_call(
     tag: &str,
     answer_len: usize,
+    extra_headers: &'static str,
 ) -> (
     Scratch,
     Fixture,
     Sidecar,
     std::thread::JoinHandle<(String, Vec<u8>, u32)>,
 ) {
-    let (port, upstream) = one_call_upstream(answer_len);
+    let (port, upstream) = one_call_upstream(answer_len, extra_headers);
     let more = format!("  - name: http/seg\n    endpoints: [\"http://127.0.0.1:{port}\"]\n");
     let (dir, llm, sc) = openai_sidecar(tag, "", &more).await;
     (dir, llm, sc, upstream)
@@ -458,7 +462,7 @@ async fn sidecar_before_one_call(
 async fn a_call_and_its_answer_each_travel_in_one_segment() {
     // pingora sent a request's head and body in two segments, and an answer's head apart from
     // a body that did not fit beside it in its 1,460-byte buffer: each woke the receiver twice.
-    let (_dir, _llm, sc, upstream) = sidecar_before_one_call("segments", 4096).await;
+    let (_dir, _llm, sc, upstream) = sidecar_before_one_call("segments", 4096, "").await;
     let outbound = sc.outbound;
     let (head, segments_to_agent) = tokio::task::spawn_blocking(move || {
         use std::io::Write;
@@ -543,9 +547,102 @@ async fn an_answer_of_a_few_kib_is_read_from_the_upstream_in_one_go() {
 }
 
 #[tokio::test]
+async fn an_answer_whose_body_trails_its_header_is_read_whole_and_has_room_for_added_headers() {
+    // pingora-core patches 6 and 7: the body buffer starts at the size of the body bytes that
+    // came with the header and grows when the stream has more (a large body, sent in pieces
+    // after the header, must still arrive whole and in order); the parsed header map has room
+    // for the headers a proxy adds (the answer's `Date` and `Connection`) without growing.
+    use pingora::http::RequestHeader;
+    use pingora::protocols::http::v1::client::HttpSession;
+    let body: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (first_read_tx, first_read) = tokio::sync::oneshot::channel::<()>();
+    let sent = body.clone();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = vec![0u8; 1024];
+        let n = s.read(&mut head).await.unwrap();
+        assert!(head[..n].ends_with(b"\r\n\r\n"));
+        let mut a = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
+            sent.len()
+        )
+        .into_bytes();
+        a.extend_from_slice(&sent[..100]);
+        s.write_all(&a).await.unwrap();
+        first_read.await.unwrap(); // the client has read the header and the first 100 bytes
+        for piece in sent[100..].chunks(7_000) {
+            s.write_all(piece).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+    });
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream: pingora::protocols::l4::stream::Stream = stream.into();
+    let mut session = HttpSession::new(Box::new(stream));
+    let mut req = RequestHeader::build("GET", b"/answer", None).unwrap();
+    req.insert_header("host", "upstream").unwrap();
+    session.write_request_header(Box::new(req)).await.unwrap();
+    session.read_response().await.unwrap();
+    let headers = &session.resp_header().unwrap().headers;
+    assert!(
+        headers.capacity() >= headers.len() + 2,
+        "the parsed answer's header map is full ({} of {}): adding Date and Connection grows it",
+        headers.len(),
+        headers.capacity()
+    );
+    let mut got = session
+        .read_body_bytes()
+        .await
+        .unwrap()
+        .expect("a body")
+        .to_vec();
+    assert_eq!(got, body[..100], "the body bytes read with the header");
+    first_read_tx.send(()).unwrap();
+    while let Some(chunk) = session.read_body_bytes().await.unwrap() {
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got.len(), body.len());
+    assert!(got == body, "the body arrived changed or out of order");
+    assert!(session.is_body_done());
+    drop(session);
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn an_encoded_answer_passes_through_as_the_upstream_sent_it() {
+    // The sidecar never compresses or decompresses (it registers none of pingora's
+    // compression modules): the upstream's `Content-Encoding` and bytes reach the agent as
+    // sent, and the agent's `Accept-Encoding` reaches the upstream.
+    let (_dir, _llm, sc, upstream) =
+        sidecar_before_one_call("encoded", 300, "content-encoding: gzip\r\n").await;
+    let outbound = sc.outbound;
+    let (head, body) = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", outbound)).unwrap();
+        s.write_all(b"GET /http/seg/data HTTP/1.1\r\nhost: x\r\naccept-encoding: gzip, br\r\n\r\n")
+            .unwrap();
+        read_message(&mut s, false)
+    })
+    .await
+    .unwrap();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("\r\ncontent-encoding: gzip\r\n"), "{head}");
+    assert!(head.contains("\r\ncontent-length: 300\r\n"), "{head}");
+    assert_eq!(body, vec![b'x'; 300]);
+    let (up_head, _, _) = upstream.join().unwrap();
+    assert!(
+        up_head.contains("\r\naccept-encoding: gzip, br\r\n"),
+        "{up_head}"
+    );
+}
+
+#[tokio::test]
 async fn a_client_waiting_for_100_continue_gets_it_from_the_upstream() {
     // The head is flushed alone when the client waits for `100 Continue` before its body.
-    let (_dir, _llm, sc, upstream) = sidecar_before_one_call("continue", 2).await;
+    let (_dir, _llm, sc, upstream) = sidecar_before_one_call("continue", 2, "").await;
     let outbound = sc.outbound;
     let head = tokio::task::spawn_blocking(move || {
         use std::io::{Read, Write};

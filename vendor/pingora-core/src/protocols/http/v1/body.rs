@@ -174,7 +174,12 @@ impl BodyReader {
     }
 
     fn prepare_buf(&mut self, buf_to_rewind: &[u8]) {
-        let mut body_buf = BytesMut::with_capacity(self.body_buf_size.max(buf_to_rewind.len()));
+        // agentmesh patch: sized to the bytes it starts with, not to `body_buf_size` (64 KiB).
+        // Every read from the stream reserves its own room first (`prepare_buf_for_io`,
+        // `reserve_buf_for_io`), so the 64 KiB is only allocated when a read needs it; an answer
+        // whose body came whole with its header (most of them) no longer takes and frees a
+        // 64 KiB buffer, which is past the allocator's thread cache and costs a trip to its arena.
+        let mut body_buf = BytesMut::with_capacity(buf_to_rewind.len());
         if !buf_to_rewind.is_empty() {
             self.rewind_buf_len = buf_to_rewind.len();
             // TODO: this is still 1 copy. Make it zero
@@ -2059,6 +2064,34 @@ mod tests {
         let second = body_reader.read_body(&mut mock_io).await.unwrap().unwrap();
         assert_eq!(body_reader.get_body(&second), b"bc");
         assert!(body_reader.body_buf.as_ref().unwrap().capacity() < BODY_BUFFER_SIZE);
+    }
+
+    // agentmesh patch 6: a body that came whole with its header takes a buffer of its own size,
+    // not one of `body_buf_size`; a body with more to read still gets its room when it reads.
+    #[tokio::test]
+    async fn a_body_read_with_its_header_takes_a_buffer_of_its_size() {
+        let mut mock_io = Builder::new().build();
+        let mut body_reader = BodyReader::new(true);
+        body_reader.init_content_length(200, &[b'x'; 200]);
+        assert!(body_reader.body_buf.as_ref().unwrap().capacity() < 1024);
+        let res = body_reader.read_body(&mut mock_io).await.unwrap().unwrap();
+        assert_eq!(body_reader.get_body(&res), &[b'x'; 200][..]);
+        assert_eq!(body_reader.body_state, ParseState::Complete(200));
+
+        let rest = vec![b'y'; 100_000];
+        let mut mock_io = Builder::new()
+            .read(&rest[..60_000])
+            .read(&rest[60_000..])
+            .build();
+        let mut body_reader = BodyReader::new(true);
+        body_reader.init_content_length(100_010, &[b'x'; 10]);
+        let mut got = Vec::new();
+        while let Some(r) = body_reader.read_body(&mut mock_io).await.unwrap() {
+            got.extend_from_slice(body_reader.get_body(&r));
+        }
+        assert_eq!(got.len(), 100_010);
+        assert_eq!(&got[..10], &[b'x'; 10][..]);
+        assert!(got[10..] == rest[..]);
     }
 
     #[tokio::test]

@@ -31,6 +31,12 @@ pub(super) const MAX_HEADER_SIZE: usize = 1048575;
 
 pub(crate) const BODY_BUF_LIMIT: usize = 1024 * 64;
 
+/// agentmesh patch: headers a parsed request or answer has room for beyond those it came with.
+/// A proxy adds some on the way through (the answer's `Date` and `Connection`, the upstream
+/// request's `Host`, trace context, a credential); a header map sized to exactly what was parsed
+/// reallocated and rehashed itself on the first one added, on every request and every answer.
+pub(crate) const HEADER_ROOM: usize = 4;
+
 pub const CRLF: &[u8; 2] = b"\r\n";
 /// The empty line that terminates a message's header section.
 pub(super) const HEADER_SECTION_END: &[u8; 4] = b"\r\n\r\n";

@@ -495,14 +495,34 @@ async fn a_call_and_its_answer_each_travel_in_one_segment() {
     );
 }
 
+/// pingora's own upstream session over a real socket to `addr`, its `GET /answer` sent.
+async fn upstream_session_asking(
+    addr: std::net::SocketAddr,
+) -> pingora::protocols::http::v1::client::HttpSession {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream: pingora::protocols::l4::stream::Stream = stream.into();
+    let mut session = pingora::protocols::http::v1::client::HttpSession::new(Box::new(stream));
+    let mut req = pingora::http::RequestHeader::build("GET", b"/answer", None).unwrap();
+    req.insert_header("host", "upstream").unwrap();
+    session.write_request_header(Box::new(req)).await.unwrap();
+    session
+}
+
+/// The one connection to `listener`, once a request head (with no body) has come on it.
+async fn accept_one_head(listener: &tokio::net::TcpListener) -> tokio::net::TcpStream {
+    let (mut s, _) = listener.accept().await.unwrap();
+    let mut head = vec![0u8; 1024];
+    let n = s.read(&mut head).await.unwrap();
+    assert!(head[..n].ends_with(b"\r\n\r\n"));
+    s
+}
+
 #[tokio::test]
 async fn an_answer_of_a_few_kib_is_read_from_the_upstream_in_one_go() {
     // pingora's first read of an answer took 4 KiB, so an answer of a few KiB, which arrives
     // whole, cost a second read (and often a second wake-up) for the rest of its body. Driven
     // through pingora's own upstream session over a real socket: the part of the body read with
     // the header is the first body chunk, so it must be the whole body.
-    use pingora::http::RequestHeader;
-    use pingora::protocols::http::v1::client::HttpSession;
     let body = vec![b'x'; 6000];
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -517,22 +537,14 @@ async fn an_answer_of_a_few_kib_is_read_from_the_upstream_in_one_go() {
     };
     let (written_tx, written) = tokio::sync::oneshot::channel();
     let server = tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut head = vec![0u8; 1024];
-        let n = s.read(&mut head).await.unwrap();
-        assert!(head[..n].ends_with(b"\r\n\r\n"));
+        let mut s = accept_one_head(&listener).await;
         // One write; on loopback its bytes are in the client's socket once it returns.
         s.write_all(&answer).await.unwrap();
         written_tx.send(()).unwrap();
         let mut rest = Vec::new();
         s.read_to_end(&mut rest).await.unwrap(); // hold the connection until the client is done
     });
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let stream: pingora::protocols::l4::stream::Stream = stream.into();
-    let mut session = HttpSession::new(Box::new(stream));
-    let mut req = RequestHeader::build("GET", b"/answer", None).unwrap();
-    req.insert_header("host", "upstream").unwrap();
-    session.write_request_header(Box::new(req)).await.unwrap();
+    let mut session = upstream_session_asking(addr).await;
     written.await.unwrap(); // the whole answer is there to read
     session.read_response().await.unwrap();
     let first = session.read_body_bytes().await.unwrap().expect("a body");
@@ -552,18 +564,13 @@ async fn an_answer_whose_body_trails_its_header_is_read_whole_and_has_room_for_a
     // came with the header and grows when the stream has more (a large body, sent in pieces
     // after the header, must still arrive whole and in order); the parsed header map has room
     // for the headers a proxy adds (the answer's `Date` and `Connection`) without growing.
-    use pingora::http::RequestHeader;
-    use pingora::protocols::http::v1::client::HttpSession;
     let body: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (first_read_tx, first_read) = tokio::sync::oneshot::channel::<()>();
     let sent = body.clone();
     let server = tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut head = vec![0u8; 1024];
-        let n = s.read(&mut head).await.unwrap();
-        assert!(head[..n].ends_with(b"\r\n\r\n"));
+        let mut s = accept_one_head(&listener).await;
         let mut a = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
             sent.len()
@@ -579,12 +586,7 @@ async fn an_answer_whose_body_trails_its_header_is_read_whole_and_has_room_for_a
         let mut rest = Vec::new();
         s.read_to_end(&mut rest).await.unwrap();
     });
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let stream: pingora::protocols::l4::stream::Stream = stream.into();
-    let mut session = HttpSession::new(Box::new(stream));
-    let mut req = RequestHeader::build("GET", b"/answer", None).unwrap();
-    req.insert_header("host", "upstream").unwrap();
-    session.write_request_header(Box::new(req)).await.unwrap();
+    let mut session = upstream_session_asking(addr).await;
     session.read_response().await.unwrap();
     let headers = &session.resp_header().unwrap().headers;
     assert!(

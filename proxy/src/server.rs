@@ -92,6 +92,12 @@ pub fn build(
         max_retries: 8,
         grace_period_seconds: Some(5),
         graceful_shutdown_timeout_seconds: Some(10),
+        // Timeouts of a second or more (every default: connect 2 s, read 120 s, idle 60 s) run on
+        // tokio's timer, in the worker's own event loop. pingora's "fast" timeouts need a thread
+        // of their own that wakes every 10 ms for as long as the process lives, on the same CPU
+        // as the worker, where each wake can hold up a call in flight. Shorter timeouts (a
+        // route may set one) still use pingora's, whose thread then starts.
+        fast_timeout_to_tokio_threshold_seconds: Some(0),
         ..Default::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

@@ -668,6 +668,44 @@ async fn a_client_waiting_for_100_continue_gets_it_from_the_upstream() {
     assert_eq!(body, b"hello");
 }
 
+/// The names of a process's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).unwrap())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn calls_under_timeouts_of_a_second_or_more_need_no_timer_thread() {
+    // Every default timeout (connect 2 s, read 120 s, idle 60 s) runs on tokio's timer, in the
+    // worker's event loop: pingora's own timer thread, which wakes every 10 ms on the worker's
+    // CPU, is never started. A sub-second timeout still works, on pingora's timer.
+    let more = "  - name: http/quick\n    endpoints: [\"{LLM}\"]\n    timeouts: {connect: 1s, read: 300ms, idle: 60s}\n";
+    let (_dir, _llm, sc) = openai_sidecar("timer", "", more).await;
+    for _ in 0..3 {
+        let (s, _) = post(&sc.url("/llm/openai/v1/chat/completions"), &chat()).await;
+        assert_eq!(s, 200);
+    }
+    let pid = sc.proc.0.id();
+    let names = thread_names(pid);
+    assert!(
+        !names.iter().any(|n| n == "Timer thread"),
+        "pingora's timer thread runs: {names:?}"
+    );
+    // The 300 ms read timeout, against an answer 2 s late.
+    let r = reqwest::Client::new()
+        .post(sc.url("/http/quick/v1/chat/completions"))
+        .header("x-mock-delay-ms", "2000")
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert!(thread_names(pid).iter().any(|n| n == "Timer thread"));
+}
+
 #[test]
 fn the_allocator_sweeps_its_thread_cache_per_4_mib_not_per_call() {
     // jemalloc prints the options in force at exit when asked to in its environment variable,

@@ -249,6 +249,35 @@ decision := false if input.destination.kind == "http"
     .await;
     let (s, _) = post(&m.sc.url("/http/echo/echo"), &[], &json!({})).await;
     assert_eq!(s, 200, "http/echo fails open");
+    // One meaning everywhere for a call let through on an error: `allow`, in the access log,
+    // the decision counter and the request counter alike, with the error counted apart.
+    let calls = m.sc.wait_calls(1).await;
+    assert_eq!(calls[0]["decision"]["allow"], true, "{}", calls[0]);
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", m.sc.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let has = |prefix: &str| metrics.lines().any(|l| l.starts_with(prefix));
+    assert!(
+        has(
+            r#"agentmesh_policy_decisions_total{source="tester",destination="http/echo",kind="http",decision="allow"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        has(
+            r#"agentmesh_requests_total{source="tester",destination="http/echo",kind="http",model="",decision="allow",status="200"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        has(
+            r#"agentmesh_policy_errors_total{source="tester",destination="http/echo",kind="http"} 1"#
+        ),
+        "{metrics}"
+    );
     // The same error on a route that does not fail open denies.
     std::fs::write(
         m.dir.path("policy/authz.rego"),

@@ -120,16 +120,21 @@ async fn connect_failures_retry_then_open_the_circuit() {
     assert_eq!(v["error"]["type"], "circuit_open");
 }
 
-#[tokio::test]
-async fn slow_upstream_gets_504_and_unsafe_calls_are_not_retried() {
-    let (_dir, llm, sc) = openai_sidecar("timeout", "    timeouts: {read: 300ms}\n", "").await;
-    let r = reqwest::Client::new()
-        .post(sc.url("/llm/openai/v1/chat/completions"))
+/// A chat call to `url` that the mock LLM answers 2 s late.
+async fn chat_answered_late(url: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(url)
         .header("x-mock-delay-ms", "2000")
         .json(&chat())
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn slow_upstream_gets_504_and_unsafe_calls_are_not_retried() {
+    let (_dir, llm, sc) = openai_sidecar("timeout", "    timeouts: {read: 300ms}\n", "").await;
+    let r = chat_answered_late(&sc.url("/llm/openai/v1/chat/completions")).await;
     assert_eq!(r.status(), 504);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["type"], "upstream_timeout");
@@ -695,13 +700,7 @@ async fn calls_under_timeouts_of_a_second_or_more_need_no_timer_thread() {
         "pingora's timer thread runs: {names:?}"
     );
     // The 300 ms read timeout, against an answer 2 s late.
-    let r = reqwest::Client::new()
-        .post(sc.url("/http/quick/v1/chat/completions"))
-        .header("x-mock-delay-ms", "2000")
-        .json(&chat())
-        .send()
-        .await
-        .unwrap();
+    let r = chat_answered_late(&sc.url("/http/quick/v1/chat/completions")).await;
     assert_eq!(r.status(), 504);
     assert!(thread_names(pid).iter().any(|n| n == "Timer thread"));
 }

@@ -11,7 +11,9 @@
 # Usage: scripts/callgrind.sh [N]   (default 2000). CALLGRIND_SIZE: the answer's bytes (default
 # 200). CALLGRIND_FOOTPRINT=1 also simulates the caches and reports, per target, the 64-byte
 # lines of code its calls run (the code a call needs back in cache after something else ran
-# on the CPU) and the L1i misses per call (32 KiB L1i, simulated). Output files stay in
+# on the CPU): all of them, and the hot ones, run by nine calls in ten or more (the others are
+# code run now and then, such as a decision-cache refill); and the L1i misses per call (32 KiB
+# L1i, simulated). Output files stay in
 # $CALLGRIND_OUT (or a temporary directory) for `callgrind_annotate --inclusive=yes FILE`.
 # BENCH_SIDECAR=pgo counts the profile-guided build (scripts/build-pgo.sh), as in bench.sh.
 set -euo pipefail
@@ -61,7 +63,7 @@ footprint() { # name file total-instructions
   python3 - "$1" "$2" "$3" "$N" <<'PY'
 import sys
 name, path, total, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-lines, i1, col, skip = set(), 0, None, False
+runs, i1, col, skip = {}, 0, None, False  # runs: instruction address -> times run
 for row in open(path):
     if row.startswith("events:"):
         col = row.split()[1:].index("I1mr") + 1
@@ -71,11 +73,15 @@ for row in open(path):
     elif row.startswith("0x"):
         f = row.split()
         if not skip:
-            lines.add(int(f[0], 16) // 64)
+            a = int(f[0], 16)
+            runs[a] = runs.get(a, 0) + int(f[1])
             i1 += int(f[col]) if len(f) > col else 0
     skip = False
+lines = {a // 64 for a in runs}
+hot = {a // 64 for a, r in runs.items() if r * 10 >= n * 9}
 print(f"{name:<26} {total // n:>10} instructions per call  {len(lines):>6} code lines "
-      f"({len(lines) * 64 // 1024} KiB)  {i1 / n:>7.0f} L1i misses per call")
+      f"({len(lines) * 64 // 1024} KiB), {len(hot):>5} hot ({len(hot) * 64 // 1024} KiB)  "
+      f"{i1 / n:>7.0f} L1i misses per call")
 PY
 }
 EXTRA=""

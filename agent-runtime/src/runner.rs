@@ -407,7 +407,11 @@ impl Runner {
                 task.question = Some(e.to_string());
             }
         }
-        self.commit(&mut task)?;
+        // A task that waits for a human was committed when it asked. Committing it again would
+        // restamp the question (its expiry counts from then) and push its notification twice.
+        if task.status != Status::InputRequired {
+            self.commit(&mut task)?;
+        }
         Ok(task)
     }
 
@@ -585,5 +589,59 @@ impl Runner {
             .rev()
             .find(|m| m["role"] == "assistant")
             .and_then(|m| m["content"].as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::PushConfig;
+
+    // A second commit of a waiting task restamped its question, so its expiry counted from
+    // whenever the run ended (after a test had moved the clock on, on a loaded machine), and
+    // pushed the question's notification twice.
+    #[tokio::test]
+    async fn a_task_that_asks_is_committed_and_notified_once_for_its_question() {
+        let dir = std::env::temp_dir().join(format!("am-runner-ask-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let manifest = Manifest::from_yaml(
+            "name: approver\nmodel: {provider: openai, name: gpt-4o-mini}\nworkflow:\n  - {id: approve, ask: 'Publish {{input}}?'}\n",
+            "a.yaml",
+        )
+        .unwrap();
+        let runner = Runner::new(manifest, Store::open(&dir.join("tasks.db")).unwrap());
+        let task = Task {
+            id: "t1".into(),
+            status: Status::Working,
+            step: 0,
+            messages: vec![json!({"role": "user", "content": "the brief"})],
+            question: None,
+            updated_at_ms: 0,
+            meta: TaskMeta {
+                push: Some(PushConfig {
+                    url: "http/hook/cb".into(),
+                    token: None,
+                }),
+                ..Default::default()
+            },
+        };
+        let ran = runner.run(task).await.unwrap();
+        assert_eq!(ran.status, Status::InputRequired);
+        let stored = runner.store.task("t1").unwrap().unwrap();
+        assert_eq!(stored.status, Status::InputRequired);
+        assert_eq!(stored.question.as_deref(), Some("Publish the brief?"));
+        let mut states = Vec::new();
+        while let Some(n) = runner.store.next_notice().unwrap() {
+            let v: Value = serde_json::from_str(&n.body).unwrap();
+            states.push(v["status"]["state"].as_str().unwrap_or("").to_string());
+            runner.store.notice_done(n.seq).unwrap();
+        }
+        assert_eq!(
+            states.iter().filter(|s| *s == "input-required").count(),
+            1,
+            "{states:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

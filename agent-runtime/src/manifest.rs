@@ -137,28 +137,13 @@ pub struct LlmStep {
 }
 
 /// Why a manifest did not load.
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum ManifestError {
-    #[error("{file}: cannot read: {message}")]
-    Read { file: String, message: String },
-    #[error("{file}: {message}")]
-    Parse { file: String, message: String },
-    #[error("{file}: field `{field}`: {message}")]
-    Invalid {
-        file: String,
-        field: String,
-        message: String,
-    },
-}
+pub type ManifestError = agentmesh_control_api::FileError;
 
 impl Manifest {
     /// Reads and validates a manifest file; the store path is made relative to it.
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ManifestError::Read {
-            file: file.clone(),
-            message: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ManifestError::read(&file, e))?;
         let mut m = Manifest::from_yaml(&text, &file)?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let store = m
@@ -174,16 +159,9 @@ impl Manifest {
     }
 
     pub fn from_yaml(text: &str, file: &str) -> Result<Manifest, ManifestError> {
-        let m: Manifest = serde_yaml::from_str(text).map_err(|e| ManifestError::Parse {
-            file: file.to_string(),
-            message: e.to_string(),
-        })?;
+        let m: Manifest = agentmesh_control_api::from_yaml(text, file)?;
         m.validate()
-            .map_err(|(field, message)| ManifestError::Invalid {
-                file: file.to_string(),
-                field,
-                message,
-            })?;
+            .map_err(|(field, message)| ManifestError::invalid(file, field, message))?;
         Ok(m)
     }
 

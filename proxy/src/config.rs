@@ -17,23 +17,7 @@ use std::time::Duration;
 pub const DEFAULT_MAX_INSPECT_BYTES: usize = 1024 * 1024;
 
 /// Why a configuration could not be loaded. The running config stays in force on any of these.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{file}: cannot read: {source}")]
-    Read {
-        file: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{file}: {message}")]
-    Parse { file: String, message: String },
-    #[error("{file}: field `{field}`: {message}")]
-    Invalid {
-        file: String,
-        field: String,
-        message: String,
-    },
-}
+pub type ConfigError = agentmesh_control_api::FileError;
 
 /// The whole sidecar configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -392,10 +376,7 @@ impl Config {
     /// Reads, parses and validates a YAML bootstrap file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            file: file.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::read(&file, e))?;
         let mut config = Config::from_yaml(&text, &file)?;
         // Relative paths are relative to the config file, wherever the sidecar starts.
         if let Some(dir) = path.parent() {
@@ -447,22 +428,14 @@ impl Config {
 
     /// Parses and validates YAML text; `file` is used in error messages.
     pub fn from_yaml(text: &str, file: &str) -> Result<Config, ConfigError> {
-        // serde_yaml's messages carry the field path and the line/column of the fault.
-        let config: Config = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
-            file: file.to_string(),
-            message: e.to_string(),
-        })?;
+        let config: Config = agentmesh_control_api::from_yaml(text, file)?;
         config.validate(file)?;
         Ok(config)
     }
 
     /// Checks what types alone cannot: names, URLs, duplicates, closed-by-default rules.
     pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
-        let invalid = |field: String, message: String| ConfigError::Invalid {
-            file: file.to_string(),
-            field,
-            message,
-        };
+        let invalid = |field: String, message: String| ConfigError::invalid(file, field, message);
         if !is_dns_label(&self.agent.name) {
             return Err(invalid(
                 "agent.name".into(),

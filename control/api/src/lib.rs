@@ -10,7 +10,10 @@ pub mod discovery {
 /// The one type URL of the aggregated stream: every resource is an `agentmesh.discovery.v1.Resource`.
 pub const TYPE_URL: &str = "type.agentmesh.dev/agentmesh.discovery.v1.Resource";
 
+pub mod file_error;
 pub mod upstream;
+
+pub use file_error::{from_yaml, FileError};
 
 /// Writes a file whole, readable by its owner only when `private`: to a temporary name beside
 /// it, synced, then renamed over the old one, so that a crash leaves the old file or the new,

@@ -104,19 +104,7 @@ pub struct SecretSpec {
 }
 
 /// Why a config source could not be loaded; the running catalog stays in force.
-#[derive(Debug, Clone, thiserror::Error, PartialEq)]
-pub enum ModelError {
-    #[error("{file}: cannot read: {message}")]
-    Read { file: String, message: String },
-    #[error("{file}: {message}")]
-    Parse { file: String, message: String },
-    #[error("{file}: field `{field}`: {message}")]
-    Invalid {
-        file: String,
-        field: String,
-        message: String,
-    },
-}
+pub type ModelError = agentmesh_control_api::FileError;
 
 /// A compiled policy, ready to send: its Rego sources and decision rule.
 #[derive(Debug, Clone)]
@@ -153,11 +141,8 @@ impl Catalog {
         let mut c = Catalog::default();
         let mut agent_at = BTreeMap::new();
         for (file, dir, content) in files {
-            let invalid = |field: String, message: String| ModelError::Invalid {
-                file: file.clone(),
-                field,
-                message,
-            };
+            let invalid =
+                |field: String, message: String| ModelError::invalid(&file, field, message);
             for (i, mut u) in content.upstreams.into_iter().enumerate() {
                 if let Some(ca) = u.tls.ca_file.as_mut() {
                     if ca.is_relative() {
@@ -302,10 +287,8 @@ impl Catalog {
         // References, once every file is in: a grant must name something declared.
         for (name, a) in &c.agents {
             let i = agent_at[name];
-            let invalid = |field: String, message: String| ModelError::Invalid {
-                file: a.file.clone(),
-                field: format!("agents[{i}].{field}"),
-                message,
+            let invalid = |field: String, message: String| {
+                ModelError::invalid(&a.file, format!("agents[{i}].{field}"), message)
             };
             for (j, u) in a.spec.calls.upstreams.iter().enumerate() {
                 if !c.upstreams.contains_key(u) {
@@ -382,10 +365,7 @@ pub fn parse_file(text: &str, file: &str) -> Result<ConfigFile, ModelError> {
     if text.trim().is_empty() {
         return Ok(ConfigFile::default());
     }
-    serde_yaml::from_str(text).map_err(|e| ModelError::Parse {
-        file: file.to_string(),
-        message: e.to_string(),
-    })
+    agentmesh_control_api::from_yaml(text, file)
 }
 
 #[cfg(test)]

@@ -30,10 +30,8 @@ pub struct DirSource {
 impl DirSource {
     fn files(&self) -> Result<Vec<PathBuf>, ModelError> {
         let mut out = Vec::new();
-        collect(&self.dir, &mut out).map_err(|e| ModelError::Read {
-            file: self.dir.display().to_string(),
-            message: e.to_string(),
-        })?;
+        collect(&self.dir, &mut out)
+            .map_err(|e| ModelError::read(self.dir.display().to_string(), e))?;
         out.sort();
         Ok(out)
     }
@@ -70,10 +68,8 @@ impl ConfigSource for DirSource {
                 .unwrap_or(&path)
                 .display()
                 .to_string();
-            let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Read {
-                file: file.clone(),
-                message: e.to_string(),
-            })?;
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| ModelError::read(file.clone(), e))?;
             let dir = path.parent().unwrap_or(&self.dir).to_path_buf();
             parsed.push((file.clone(), dir, parse_file(&text, &file)?));
         }

@@ -22,9 +22,9 @@ pub enum FileError {
 
 impl FileError {
     /// The file (or directory) could not be read.
-    pub fn read(file: impl Into<String>, e: impl std::fmt::Display) -> FileError {
+    pub fn read(file: &str, e: impl std::fmt::Display) -> FileError {
         FileError::Read {
-            file: file.into(),
+            file: file.to_string(),
             message: e.to_string(),
         }
     }

@@ -31,7 +31,7 @@ impl DirSource {
     fn files(&self) -> Result<Vec<PathBuf>, ModelError> {
         let mut out = Vec::new();
         collect(&self.dir, &mut out)
-            .map_err(|e| ModelError::read(self.dir.display().to_string(), e))?;
+            .map_err(|e| ModelError::read(&self.dir.display().to_string(), e))?;
         out.sort();
         Ok(out)
     }
@@ -68,8 +68,7 @@ impl ConfigSource for DirSource {
                 .unwrap_or(&path)
                 .display()
                 .to_string();
-            let text =
-                std::fs::read_to_string(&path).map_err(|e| ModelError::read(file.clone(), e))?;
+            let text = std::fs::read_to_string(&path).map_err(|e| ModelError::read(&file, e))?;
             let dir = path.parent().unwrap_or(&self.dir).to_path_buf();
             parsed.push((file.clone(), dir, parse_file(&text, &file)?));
         }
